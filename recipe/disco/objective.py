@@ -1,0 +1,187 @@
+"""The DisCO objective in plain PyTorch (no verl import), in the paper's notation.
+
+For a question x with answers y_1..y_n and binary rewards r_i, the answers split into positives
+P_q = {i: r_i = 1} and negatives N_q = {i: r_i = 0}. A *score* s(y) of each answer is raised for
+positives and lowered for negatives:
+
+    logL   : s(y) = (1/|y|) sum_t log pi(y_t | x, y_<t)
+    Lratio : s(y) = (1/|y|) sum_t pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
+
+    disco-b (L1): J_q = mean_{i in P_q} s_i - mean_{j in N_q} s_j
+    disco   (L2): J_q = mean_{i in P_q} s_i - tau * log( mean_{j in N_q} exp(s_j / tau) )
+
+Only *mixed* questions (|P_q| > 0 and |N_q| > 0) have a J_q. The trust region
+KL(pi_old || pi) <= delta is enforced by a squared hinge on the k1 estimate
+
+    KL_q = sum_{tokens of q's answers} (log pi_old - log pi) / #tokens of q's answers
+    penalty_q = (beta / 2) * [KL_q - delta]_+^2      (gradient beta * [KL_q - delta]_+ * grad KL_q)
+
+KL is averaged per question (over the tokens of all its answers), so the penalty, like J_q, is a
+sum of per-question terms: an optimizer step's objective
+
+    L = (1/M) * sum_q ( -J_q * 1[q mixed] + penalty_q )
+
+splits exactly over any micro-batching or data-parallel layout that keeps each question's answers
+together. M is the number of questions in the optimizer step, counting all-correct and all-wrong
+ones, as the reference implementation does.
+
+Answers are given per row: a question id (``group``, int64 in [0, G)) and a label ``positive``.
+Rows must already be restricted to real answers (padding rows dropped by the caller).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ScoreFunc = Literal["logL", "Lratio"]
+Objective = Literal["disco", "disco-b"]
+SCORE_FUNCS: tuple[str, ...] = ("logL", "Lratio")
+OBJECTIVES: tuple[str, ...] = ("disco", "disco-b")
+
+
+def sequence_scores(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, response_mask: torch.Tensor, score_func: ScoreFunc
+) -> torch.Tensor:
+    """Per-answer score s, the token mean over the response mask (shape (B, L) -> (B,)).
+
+    logL:   s = (1/|y|) sum_t log pi(y_t)
+    Lratio: s = (1/|y|) sum_t exp(log pi(y_t) - log pi_old(y_t))
+
+    An answer with an empty mask scores 0 (its tokens are never read, so padding values cannot leak).
+    """
+    mask = response_mask.bool()
+    if score_func == "logL":
+        per_token = log_prob
+    elif score_func == "Lratio":
+        # zero the exponent off the mask so garbage in padded positions can never overflow
+        per_token = torch.exp(torch.where(mask, log_prob - old_log_prob, torch.zeros_like(log_prob)))
+    else:
+        raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
+    return total / mask.sum(-1).clamp(min=1)
+
+
+def kl_token_sums(log_prob: torch.Tensor, old_log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per-answer sum over response tokens of the k1 term log pi_old - log pi (shape (B, L) -> (B,))."""
+    mask = response_mask.bool()
+    return torch.where(mask, old_log_prob - log_prob, torch.zeros_like(log_prob)).sum(-1)
+
+
+def _group_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group, values)
+
+
+def _group_mean(values: torch.Tensor, where: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """mean over rows with ``where`` of each group (0 for groups with no such row)."""
+    total = _group_sum(torch.where(where, values, torch.zeros_like(values)), group, num_groups)
+    count = _group_sum(where.to(values.dtype), group, num_groups)
+    return total / count.clamp(min=1)
+
+
+def neg_log_mean_exp(s: torch.Tensor, negative: torch.Tensor, group: torch.Tensor, num_groups: int, tau: float):
+    """tau * log( mean_{j in N_q} exp(s_j / tau) ) per question, computed stably (0 where N_q is empty).
+
+    The per-question maximum of s_j / tau over negatives is subtracted before exponentiating (a
+    detached shift, so value and gradient are exact).
+    """
+    z = s / tau
+    shift = torch.full((num_groups,), float("-inf"), dtype=s.dtype, device=s.device)
+    shift = shift.scatter_reduce(0, group, torch.where(negative, z, torch.full_like(z, float("-inf"))), "amax")
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift)).detach()
+    exp_terms = torch.exp(torch.where(negative, z - shift[group], torch.full_like(z, float("-inf"))))
+    total = _group_sum(exp_terms, group, num_groups)
+    count = _group_sum(negative.to(s.dtype), group, num_groups)
+    has_neg = count > 0
+    # log of 1 where there are no negatives keeps the unused branch finite (no NaN gradients)
+    log_mean = torch.log(torch.where(has_neg, total, torch.ones_like(total))) - torch.log(count.clamp(min=1)) + shift
+    return torch.where(has_neg, tau * log_mean, torch.zeros_like(log_mean))
+
+
+@dataclass
+class QuestionTerms:
+    """Per-question quantities of one batch of answers (each of shape (G,))."""
+
+    J: torch.Tensor  # J_q, 0 where the question is not mixed
+    kl: torch.Tensor  # KL_q, the token-mean k1 estimate over the question's answers
+    penalty: torch.Tensor  # (beta/2) [KL_q - delta]_+^2
+    num_pos: torch.Tensor  # |P_q|
+    num_neg: torch.Tensor  # |N_q|
+
+    @property
+    def mixed(self) -> torch.Tensor:
+        return (self.num_pos > 0) & (self.num_neg > 0)
+
+
+def question_objective(
+    s: torch.Tensor, group: torch.Tensor, positive: torch.Tensor, num_groups: int, objective: Objective, tau: float
+) -> torch.Tensor:
+    """J_q for every question (0 unless mixed).
+
+    disco-b: J_q = mean_{P_q} s - mean_{N_q} s
+    disco:   J_q = mean_{P_q} s - tau * log mean_{N_q} exp(s / tau)
+    """
+    negative = ~positive
+    pos_mean = _group_mean(s, positive, group, num_groups)
+    if objective == "disco-b":
+        neg_term = _group_mean(s, negative, group, num_groups)
+    elif objective == "disco":
+        neg_term = neg_log_mean_exp(s, negative, group, num_groups, tau)
+    else:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    num_pos = _group_sum(positive.to(s.dtype), group, num_groups)
+    num_neg = _group_sum(negative.to(s.dtype), group, num_groups)
+    mixed = (num_pos > 0) & (num_neg > 0)
+    return torch.where(mixed, pos_mean - neg_term, torch.zeros_like(pos_mean))
+
+
+def squared_hinge_penalty(kl: torch.Tensor, delta: float, beta: float) -> torch.Tensor:
+    """(beta/2) [KL - delta]_+^2, whose gradient is beta [KL - delta]_+ grad KL."""
+    return 0.5 * beta * torch.clamp(kl - delta, min=0) ** 2
+
+
+def question_terms(
+    s: torch.Tensor,
+    kl_sum: torch.Tensor,
+    num_tokens: torch.Tensor,
+    group: torch.Tensor,
+    positive: torch.Tensor,
+    num_groups: int,
+    objective: Objective,
+    tau: float,
+    delta: float,
+    beta: float,
+) -> QuestionTerms:
+    """J_q, KL_q and penalty_q of every question from per-answer scores and k1 token sums."""
+    J = question_objective(s, group, positive, num_groups, objective, tau)
+    tokens = _group_sum(num_tokens.to(kl_sum.dtype), group, num_groups)
+    kl = _group_sum(kl_sum, group, num_groups) / tokens.clamp(min=1)
+    return QuestionTerms(
+        J=J,
+        kl=kl,
+        penalty=squared_hinge_penalty(kl, delta, beta),
+        num_pos=_group_sum(positive.to(s.dtype), group, num_groups),
+        num_neg=_group_sum((~positive).to(s.dtype), group, num_groups),
+    )
+
+
+def step_objective_sum(terms: QuestionTerms) -> torch.Tensor:
+    """sum_q ( -J_q 1[q mixed] + penalty_q ): the loss before division by M."""
+    return (terms.penalty - terms.J).sum()
+
+
+def pairwise_auc(s: torch.Tensor, group: torch.Tensor, positive: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per question, the share of (positive, negative) pairs with s_pos > s_neg (ties count 1/2).
+
+    0 for questions that are not mixed. This is the empirical AUC that DisCO's objective raises.
+    """
+    with torch.no_grad():
+        same = group[:, None] == group[None, :]
+        pair = same & positive[:, None] & ~positive[None, :]
+        diff = s[:, None] - s[None, :]
+        won = torch.where(diff > 0, 1.0, torch.where(diff == 0, 0.5, 0.0)).to(s.dtype)
+        wins = _group_sum(torch.where(pair, won, torch.zeros_like(won)).sum(1), group, num_groups)
+        pairs = _group_sum(pair.to(s.dtype).sum(1), group, num_groups)
+        return wins / pairs.clamp(min=1)
