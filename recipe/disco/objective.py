@@ -70,14 +70,14 @@ def kl_token_sums(log_prob: torch.Tensor, old_log_prob: torch.Tensor, response_m
     return torch.where(mask, old_log_prob - log_prob, torch.zeros_like(log_prob)).sum(-1)
 
 
-def _group_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+def group_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
     return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group, values)
 
 
-def _group_mean(values: torch.Tensor, where: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+def group_mean(values: torch.Tensor, where: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """mean over rows with ``where`` of each group (0 for groups with no such row)."""
-    total = _group_sum(torch.where(where, values, torch.zeros_like(values)), group, num_groups)
-    count = _group_sum(where.to(values.dtype), group, num_groups)
+    total = group_sum(torch.where(where, values, torch.zeros_like(values)), group, num_groups)
+    count = group_sum(where.to(values.dtype), group, num_groups)
     return total / count.clamp(min=1)
 
 
@@ -92,8 +92,8 @@ def neg_log_mean_exp(s: torch.Tensor, negative: torch.Tensor, group: torch.Tenso
     shift = shift.scatter_reduce(0, group, torch.where(negative, z, torch.full_like(z, float("-inf"))), "amax")
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift)).detach()
     exp_terms = torch.exp(torch.where(negative, z - shift[group], torch.full_like(z, float("-inf"))))
-    total = _group_sum(exp_terms, group, num_groups)
-    count = _group_sum(negative.to(s.dtype), group, num_groups)
+    total = group_sum(exp_terms, group, num_groups)
+    count = group_sum(negative.to(s.dtype), group, num_groups)
     has_neg = count > 0
     # log of 1 where there are no negatives keeps the unused branch finite (no NaN gradients)
     log_mean = torch.log(torch.where(has_neg, total, torch.ones_like(total))) - torch.log(count.clamp(min=1)) + shift
@@ -124,15 +124,15 @@ def question_objective(
     disco:   J_q = mean_{P_q} s - tau * log mean_{N_q} exp(s / tau)
     """
     negative = ~positive
-    pos_mean = _group_mean(s, positive, group, num_groups)
+    pos_mean = group_mean(s, positive, group, num_groups)
     if objective == "disco-b":
-        neg_term = _group_mean(s, negative, group, num_groups)
+        neg_term = group_mean(s, negative, group, num_groups)
     elif objective == "disco":
         neg_term = neg_log_mean_exp(s, negative, group, num_groups, tau)
     else:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    num_pos = _group_sum(positive.to(s.dtype), group, num_groups)
-    num_neg = _group_sum(negative.to(s.dtype), group, num_groups)
+    num_pos = group_sum(positive.to(s.dtype), group, num_groups)
+    num_neg = group_sum(negative.to(s.dtype), group, num_groups)
     mixed = (num_pos > 0) & (num_neg > 0)
     return torch.where(mixed, pos_mean - neg_term, torch.zeros_like(pos_mean))
 
@@ -156,14 +156,14 @@ def question_terms(
 ) -> QuestionTerms:
     """J_q, KL_q and penalty_q of every question from per-answer scores and k1 token sums."""
     J = question_objective(s, group, positive, num_groups, objective, tau)
-    tokens = _group_sum(num_tokens.to(kl_sum.dtype), group, num_groups)
-    kl = _group_sum(kl_sum, group, num_groups) / tokens.clamp(min=1)
+    tokens = group_sum(num_tokens.to(kl_sum.dtype), group, num_groups)
+    kl = group_sum(kl_sum, group, num_groups) / tokens.clamp(min=1)
     return QuestionTerms(
         J=J,
         kl=kl,
         penalty=squared_hinge_penalty(kl, delta, beta),
-        num_pos=_group_sum(positive.to(s.dtype), group, num_groups),
-        num_neg=_group_sum((~positive).to(s.dtype), group, num_groups),
+        num_pos=group_sum(positive.to(s.dtype), group, num_groups),
+        num_neg=group_sum((~positive).to(s.dtype), group, num_groups),
     )
 
 
@@ -182,6 +182,6 @@ def pairwise_auc(s: torch.Tensor, group: torch.Tensor, positive: torch.Tensor, n
         pair = same & positive[:, None] & ~positive[None, :]
         diff = s[:, None] - s[None, :]
         won = torch.where(diff > 0, 1.0, torch.where(diff == 0, 0.5, 0.0)).to(s.dtype)
-        wins = _group_sum(torch.where(pair, won, torch.zeros_like(won)).sum(1), group, num_groups)
-        pairs = _group_sum(pair.to(s.dtype).sum(1), group, num_groups)
+        wins = group_sum(torch.where(pair, won, torch.zeros_like(won)).sum(1), group, num_groups)
+        pairs = group_sum(pair.to(s.dtype).sum(1), group, num_groups)
         return wins / pairs.clamp(min=1)

@@ -1,0 +1,41 @@
+"""Shared helpers: the recipe's Hydra config and verl's real registries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "recipe" / "disco" / "config")
+
+
+def compose_disco(overrides: list[str] | tuple[str, ...] = ()):
+    """The recipe's ``disco_trainer.yaml`` composed by Hydra, as verl's entry point would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("disco_trainer", overrides=list(overrides))
+
+
+def disco_actor_config(overrides: list[str] | tuple[str, ...] = (), rollout_n: int = 8):
+    """verl's FSDPActorConfig (with DisCOPolicyLossConfig) instantiated from the composed recipe YAML."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = compose_disco(
+        [
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+            f"actor_rollout_ref.rollout.n={rollout_n}",
+            *overrides,
+        ]
+    )
+    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor), cfg
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+__all__ = ["compose_disco", "disco_actor_config", "CONFIG_DIR", "os"]
