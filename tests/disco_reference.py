@@ -62,7 +62,7 @@ def random_batch(
         rewards.append(0.0)
     order = rng.permutation(len(uids))
     B = len(uids)
-    lengths_t = torch.tensor(lengths)[order]
+    lengths_t = torch.tensor(lengths, dtype=torch.long)[order]
     mask = torch.arange(max_len)[None, :] < lengths_t[:, None]
     log_prob = -torch.from_numpy(rng.exponential(1.0, size=(B, max_len)))
     old_log_prob = log_prob + kl_scale * torch.from_numpy(rng.standard_normal((B, max_len)))
