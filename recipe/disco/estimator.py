@@ -25,9 +25,7 @@ MAX_QUESTIONS = 2**24 // GROUP_STRIDE - 1
 PADDING_UID_PREFIX = "pad"  # verl.trainer.ppo.padding_utils names its padding rows' uid "pad<hex>"
 
 
-def encode_answers(
-    sequence_rewards: torch.Tensor, uids: np.ndarray, real: torch.Tensor
-) -> torch.Tensor:
+def encode_answers(sequence_rewards: torch.Tensor, uids: np.ndarray, real: torch.Tensor) -> torch.Tensor:
     """Per-row codes sign * (g * GROUP_STRIDE + n_g), 0 where ``real`` is False (shape (B,), float32)."""
     real_np = real.cpu().numpy()
     rewards = sequence_rewards.to(torch.float64)
