@@ -1,0 +1,69 @@
+"""Train with DisCO on verl 0.9.1: ``python -m recipe.disco.main_disco [hydra overrides]``.
+
+A thin layer over verl's own entry point (``verl.trainer.main_ppo``): the same Hydra config (``ppo_trainer``
+composed by ``config/disco_trainer.yaml``), verl's ``validate_config``, verl's ``run_ppo`` and verl's unmodified
+workers. Two things differ.
+
+**Which trainer, and why.** It runs verl's default v1 trainer in ``sync`` mode (``verl.trainer.ppo.v1``
+``PPOTrainerSync``), subclassed as :class:`recipe.disco.trainer.DisCOTrainer`. The DisCO loss couples all
+answers of a question, but verl's loss hook sees one micro-batch on one rank, and the stock v1 trainer pads the
+batch and Karmarkar-Karp-partitions its rows over ranks, scattering each question's answers over ranks and
+micro-batches. The subclass replaces that one step (``_balance_batch``) with a layout that keeps every group
+whole in each *global micro-batch* (the same-index micro-batches of all ranks, over which the loss gathers its
+per-answer scalars) and balances tokens over ranks by moving answers within a global micro-batch
+(:mod:`recipe.disco.grouping`). The v1 trainer is used rather than the deprecated v0 ``RayPPOTrainer``
+because it is verl's default and maintained path, and because its ``_balance_batch`` runs on every step at the
+one point where the whole batch order is decided (TransferQueue keys), before old log-probs, advantages and the
+update, so one override makes all later splits (dispatch, mini-batches, micro-batches) follow. The trainer is
+built by :class:`recipe.disco.trainer.DisCOTaskRunner`, passed to ``run_ppo``, because verl's ``TaskRunnerV1``
+takes its trainer from a registry whose ``sync`` entry cannot be re-registered.
+
+**Refusals before anything starts.** :func:`recipe.disco.checks.check_config` stops the run, before Ray or any
+model starts, on every setting under which the layout cannot be exact (dynamic batch size, shuffled
+mini-batches, sequence parallelism, batch sizes that do not divide into whole groups, a reference model, ...),
+with one message per problem.
+
+``DRY_RUN=1`` composes the config, runs verl's validation and the DisCO checks, prints the resolved config and
+exits without starting Ray (the launch scripts pass it through).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+import ray
+from omegaconf import DictConfig, OmegaConf
+from verl.trainer.main_ppo import run_ppo
+from verl.trainer.ppo.utils import need_critic, need_reference_policy
+from verl.utils.config import validate_config
+from verl.utils.device import auto_set_device
+
+from recipe.disco.checks import DisCOConfigError, check_config
+
+
+def validate(config: DictConfig) -> None:
+    """DisCO's checks, then verl's own ``validate_config`` (both before Ray)."""
+    check_config(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
+@hydra.main(config_path="config", config_name="disco_trainer", version_base=None)
+def main(config: DictConfig) -> None:
+    auto_set_device(config)
+    try:
+        validate(config)
+    except DisCOConfigError as error:
+        sys.exit(str(error))
+    if os.environ.get("DRY_RUN", "0") not in ("", "0"):
+        print(OmegaConf.to_yaml(config, resolve=True))
+        print("DRY_RUN: configuration valid for DisCO; not starting Ray")
+        return
+    from recipe.disco.trainer import DisCOTaskRunner
+
+    run_ppo(config, task_runner_class=ray.remote(DisCOTaskRunner))
+
+
+if __name__ == "__main__":
+    main()

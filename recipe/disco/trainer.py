@@ -1,0 +1,139 @@
+"""verl's v1 sync trainer with DisCO's whole-group batch layout and per-step question metrics.
+
+:class:`DisCOTrainer` subclasses verl's registered sync trainer (``PPOTrainerSync``) and overrides two hooks:
+
+* ``_balance_batch``, which verl calls on every step batch before the old-log-prob pass, the advantage and the
+  actor update. verl's version pads the batch and Karmarkar-Karp-partitions rows over ranks, which scatters a
+  question's answers over ranks and micro-batches. Here the batch is padded with verl's own padding rows
+  (``upsample_batch_to_divisible_size``) and reordered by :func:`recipe.disco.grouping.whole_group_order`, so
+  that every global micro-batch of the update holds whole groups while tokens stay balanced over ranks. It logs
+  verl's usual ``global_seqlen/*`` balance metrics.
+* ``_compute_metrics``, which adds ``disco/*`` question counts to verl's metrics (see :func:`question_metrics`).
+
+:class:`DisCOTaskRunner` is the Ray task runner that builds this trainer (verl's ``TaskRunnerV1`` picks its
+trainer from a registry whose ``sync`` entry cannot be replaced).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import transfer_queue as tq
+from omegaconf import DictConfig, OmegaConf
+from transfer_queue import KVBatchMeta
+from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+from verl.trainer.ppo.v1 import AgentLoopManagerTQ, PPOTrainerSync
+from verl.utils.import_utils import load_class_from_fqn
+from verl.utils.logging_utils import configure_verl_logging
+from verl.utils.seqlen_balancing import log_seqlen_unbalance
+
+from recipe.disco.checks import actor_dp_size, update_shape
+from recipe.disco.grouping import UpdateShape, padded_rows, rank_partitions, uid_of_key, whole_group_order
+
+METRIC_PREFIX = "disco/"
+
+
+def _rows_of(batch: KVBatchMeta) -> tuple[list[str], list[bool]]:
+    """uid and padding flag of each row of a TransferQueue batch."""
+    return [uid_of_key(key) for key in batch.keys], [bool(tag.get("is_padding", False)) for tag in batch.tags]
+
+
+def lay_out_whole_groups(
+    batch: KVBatchMeta, shape: UpdateShape, eos_token_id: int, logging_prefix: str = "global_seqlen"
+) -> tuple[KVBatchMeta, dict[str, float]]:
+    """Pad ``batch`` with verl's padding rows and reorder it into whole groups per global micro-batch.
+
+    Returns the (possibly new) batch and verl's sequence-length balance metrics for the resulting rank split.
+    """
+    uids, padding = _rows_of(batch)
+    needed = padded_rows(uids, padding, shape)
+    if needed > len(batch):
+        # verl pads up to the next multiple; a multiple larger than the batch pads to exactly `needed` rows
+        batch = upsample_batch_to_divisible_size(batch, needed, eos_token_id)
+        uids, padding = _rows_of(batch)
+    seq_lens = [int(tag["seq_len"]) for tag in batch.tags]
+    order = whole_group_order(uids, seq_lens, padding, shape)
+    batch.reorder(order)
+    return batch, log_seqlen_unbalance(seq_lens, rank_partitions(order, shape.dp_size), prefix=logging_prefix)
+
+
+def question_metrics(uids: Sequence[str], rewards: Sequence[float], rollout_n: int) -> dict[str, float]:
+    """Per-step question statistics from the real answers' uids and 0/1 sequence rewards.
+
+    ``disco/questions/{mixed,all_correct,all_wrong}``: questions with both kinds of answers (the only ones with a
+    DisCO term), only correct, only wrong; ``disco/accuracy``: fraction of correct answers;
+    ``disco/correct_per_question/<k>``: number of questions with k correct answers, k = 0..rollout_n (a histogram
+    that every logger can plot as scalars).
+    """
+    answers: Counter[str] = Counter(uids)
+    correct: Counter[str] = Counter(uid for uid, reward in zip(uids, rewards, strict=True) if reward == 1)
+    histogram = Counter(correct[uid] for uid in answers)
+    num_correct = sum(correct.values())
+    metrics = {
+        METRIC_PREFIX + "questions/mixed": sum(0 < correct[uid] < size for uid, size in answers.items()),
+        METRIC_PREFIX + "questions/all_correct": sum(correct[uid] == size for uid, size in answers.items()),
+        METRIC_PREFIX + "questions/all_wrong": sum(correct[uid] == 0 for uid in answers),
+        METRIC_PREFIX + "accuracy": num_correct / max(len(uids), 1),
+    }
+    for k in range(max(rollout_n, *histogram.keys(), 0) + 1):
+        metrics[f"{METRIC_PREFIX}correct_per_question/{k}"] = histogram[k]
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def step_question_metrics(batch: KVBatchMeta, rollout_n: int) -> dict[str, float]:
+    """:func:`question_metrics` of a step batch held in TransferQueue (padding rows left out)."""
+    keys = [key for key, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
+    scores = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["rm_scores"])["rm_scores"]
+    rewards = torch.stack([row.sum() for row in scores.unbind()]).tolist()
+    return question_metrics([uid_of_key(key) for key in keys], rewards, rollout_n)
+
+
+class DisCOTrainer(PPOTrainerSync):
+    """verl's v1 sync PPO trainer with whole-group batches for the DisCO loss."""
+
+    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+        shape = update_shape(self.config, actor_dp_size(self.config))
+        batch, balance = lay_out_whole_groups(batch, shape, self.tokenizer.eos_token_id, logging_prefix)
+        metrics.update(balance)
+        return batch
+
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
+        metrics.update(step_question_metrics(batch, self.config.actor_rollout_ref.rollout.n))
+
+
+class DisCOTaskRunner:
+    """Ray task runner (run as ``ray.remote(DisCOTaskRunner)``): verl's v1 flow with :class:`DisCOTrainer`."""
+
+    def run(self, config: DictConfig) -> None:
+        configure_verl_logging()
+        config.transfer_queue.enable = True
+        OmegaConf.resolve(config)
+        print(OmegaConf.to_yaml(config))
+        tq.init(config.transfer_queue)
+        trainer = DisCOTrainer(config=config)
+        succeeded = False
+        try:
+            trainer.init()
+            trainer.fit(self._agent_loop_manager(config, trainer))
+            succeeded = True
+        finally:
+            try:
+                if getattr(trainer, "logger", None) is not None:
+                    trainer.logger.finish(exit_code=0 if succeeded else 1)
+            finally:
+                tq.close()
+
+    @staticmethod
+    def _agent_loop_manager(config: DictConfig, trainer: DisCOTrainer):
+        """verl's TransferQueue agent-loop manager, or the class named by ``rollout.agent.agent_loop_manager_class``."""
+        fqn = config.actor_rollout_ref.rollout.get("agent", {}).get("agent_loop_manager_class")
+        manager_cls = load_class_from_fqn(fqn, "AgentLoopManager") if fqn else AgentLoopManagerTQ
+        return manager_cls.create(
+            config=config,
+            llm_client=trainer.get_llm_client(),
+            teacher_client=trainer.get_teacher_client(),
+            reward_loop_worker_handles=trainer.get_reward_handles(),
+        )
