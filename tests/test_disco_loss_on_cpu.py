@@ -103,7 +103,7 @@ def test_micro_batches_of_whole_groups_sum_to_the_single_call_gradient(configs, 
         grad[rows] += grad_of(loss, micro.log_prob)
         total += float(loss.detach())
     torch.testing.assert_close(grad, single_grad, rtol=1e-6, atol=1e-12)
-    assert total == pytest.approx(float(single), rel=1e-9)
+    assert total == pytest.approx(float(single.detach()), rel=1e-9)
 
 
 def test_without_global_batch_info_the_call_normalises_by_its_own_questions(configs):
