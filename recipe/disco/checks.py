@@ -86,11 +86,11 @@ def _setting_problems(config: DictConfig) -> list[str]:
     return problems
 
 
-def _micro_fix(dp: int, mini_rows: int, n: int) -> str:
-    """Fix text: the smallest micro-batch size per GPU satisfying both divisibility rules, if there is one."""
+def _micro_fix(dp: int, mini_rows: int, n: int, micro: int) -> str:
+    """Fix text: the nearest valid micro-batch size per GPU (the largest not above ``micro``, else the smallest)."""
     fits = [m for m in range(1, mini_rows // dp + 1) if (dp * m) % n == 0 and mini_rows % (dp * m) == 0]
     if fits:
-        return f"set {MICRO_BATCH_KEY}={fits[0]}"
+        return f"set {MICRO_BATCH_KEY}={max((m for m in fits if m <= micro), default=fits[0])}"
     return f"make {ACTOR}.ppo_mini_batch_size x rollout.n a multiple of rollout.n x the number of GPUs"
 
 
@@ -114,7 +114,7 @@ def _batch_problems(config: DictConfig) -> list[str]:
         problems.append(
             f"{MICRO_BATCH_KEY}={m}: with {dp} data-parallel ranks a global micro-batch holds {dp * m} answers, which "
             f"must be a multiple of rollout.n={n} and divide a mini-batch of {ACTOR}.ppo_mini_batch_size x n = "
-            f"{mini_rows} answers; {_micro_fix(dp, mini_rows, n)}"
+            f"{mini_rows} answers; {_micro_fix(dp, mini_rows, n, m)}"
         )
     return problems
 
