@@ -1,0 +1,329 @@
+"""Binary math reward for DisCO: the last ``\\boxed{}`` after ``</think>``, checked with math-verify.
+
+Rules (``grade``):
+
+1. Reasoning block: only the text after the first ``</think>`` is graded. A response without ``</think>`` was cut
+   off inside its reasoning (the DeepSeek-R1-Distill chat template opens ``<think>`` in the prompt) and has no
+   answer. ``require_think=False`` (for models that do not reason in tags) grades the whole response when it
+   contains neither ``<think>`` nor ``</think>``.
+2. Answer: the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces matched; none, an empty one or an
+   unclosed one means no answer.
+3. Gold: a string, a number or a list of accepted answers (any match counts); a ``\\boxed{}`` inside a gold string is
+   unwrapped. Unescaped ``$`` and percent signs are dropped from both sides (``10\\%`` equals ``10``, as in
+   DeepScaleR's grader), and a plain number in e-notation (``4.5e33``) is read as such, not as Euler's e.
+4. Check: math-verify ``parse`` of both in a ``\\boxed{}``, then ``verify(gold, answer)`` with the gold first.
+
+The check runs in a persistent pool of worker processes (math-verify's own signal-based timeouts
+are disabled there, so it works from any thread, asyncio executor or Ray worker). Every call has a hard time
+limit ``timeout_s`` covering the wait for a free worker and the check itself: past it the call scores 0.0 with
+outcome ``timeout``, and a worker still busy with it is killed and replaced, never left running.
+
+``compute_score`` returns exactly 1.0 or 0.0. ``compute_score_with_info`` (the function wired into
+``reward.custom_reward_function``) returns verl's dict form: ``score``, ``acc`` (the same 0/1 value, verl's core
+validation metric), one 0/1 flag per outcome (``answer_missing``, ``answer_wrong``, ``answer_right``,
+``answer_timeout``), ``pred`` (the extracted answer, for verl's majority vote) and ``data_source`` (so saved
+generations can be grouped by benchmark). verl logs the numeric keys per benchmark as
+``val-aux/<data_source>/answer_<outcome>/mean@N``: the rate of each outcome.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import logging
+import numbers
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+DEFAULT_TIMEOUT_S = 10.0
+POOL_SIZE = min(4, os.cpu_count() or 1)
+
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+_PERCENT = re.compile(r"\\?%")
+# a plain number in e-notation such as 4.5e33: math-verify reads a lower-case e as Euler's number
+_E_NOTATION = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))e([+-]?\d+)$")
+
+
+class Outcome(enum.Enum):
+    MISSING = "missing"
+    WRONG = "wrong"
+    RIGHT = "right"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class Grade:
+    outcome: Outcome
+    answer: str  # the extracted answer, "" when missing
+
+    @property
+    def score(self) -> float:
+        return 1.0 if self.outcome is Outcome.RIGHT else 0.0
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` in ``text``; None if there is none or it is unclosed."""
+    matches = list(_BOX_OPEN.finditer(text))
+    if not matches:
+        return None
+    start = matches[-1].end()
+    depth = 1
+    i = start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2  # an escaped character (\{, \}, \\) never opens or closes the box
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+        i += 1
+    return None
+
+
+def extract_answer(solution_str: str, require_think: bool = True) -> str | None:
+    """The graded answer of a response (rules 1-2 of the module docstring), cleaned; None when missing."""
+    if THINK_CLOSE in solution_str:
+        text = solution_str.split(THINK_CLOSE, 1)[1]
+    elif require_think or THINK_OPEN in solution_str:
+        return None
+    else:
+        text = solution_str
+    boxed = last_boxed(text)
+    answer = _clean(boxed) if boxed is not None else ""
+    return answer or None
+
+
+def gold_answers(ground_truth: Any) -> list[str]:
+    """Accepted gold answers as cleaned strings (rule 3): a string, a number, or a list/tuple/array of them."""
+    if isinstance(ground_truth, str):
+        items = [ground_truth]
+    elif isinstance(ground_truth, numbers.Real) and not isinstance(ground_truth, bool):
+        items = [format_number(ground_truth)]
+    elif hasattr(ground_truth, "tolist") or isinstance(ground_truth, list | tuple):
+        values = ground_truth.tolist() if hasattr(ground_truth, "tolist") else ground_truth
+        return [gold for value in values for gold in gold_answers(value)]
+    else:
+        raise TypeError(
+            f"ground_truth must be a string, a number or a list of them, got {type(ground_truth).__name__}: "
+            f"{ground_truth!r}; fix the dataset's reward_model.ground_truth (see recipe/disco/data.py)"
+        )
+    golds = []
+    for item in items:
+        boxed = last_boxed(item)
+        gold = _clean(boxed if boxed is not None else item)
+        if gold:
+            golds.append(gold)
+    return golds
+
+
+def grade(
+    solution_str: str, ground_truth: Any, timeout_s: float = DEFAULT_TIMEOUT_S, require_think: bool = True
+) -> Grade:
+    """Grade one response against its gold answer(s); never takes longer than ``timeout_s`` (plus IPC)."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}; set reward_kwargs.timeout_s to e.g. 10")
+    answer = extract_answer(solution_str, require_think)
+    if answer is None:
+        return Grade(Outcome.MISSING, "")
+    golds = gold_answers(ground_truth)
+    if answer in golds:
+        return Grade(Outcome.RIGHT, answer)
+    if not golds:
+        return Grade(Outcome.WRONG, answer)
+    verdict = _get_pool().verify(tuple(golds), answer, timeout_s)
+    if verdict is None:
+        return Grade(Outcome.TIMEOUT, answer)
+    return Grade(Outcome.RIGHT if verdict else Outcome.WRONG, answer)
+
+
+def compute_score(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: dict | None = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    require_think: bool = True,
+    **kwargs: Any,
+) -> float:
+    """verl reward function: exactly 1.0 if the response's final boxed answer matches the gold, else 0.0."""
+    return grade(solution_str, ground_truth, timeout_s, require_think).score
+
+
+def compute_score_with_info(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: dict | None = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    require_think: bool = True,
+    **kwargs: Any,
+) -> dict[str, float | str]:
+    """``compute_score`` in verl's dict form: the score plus the outcome flags logged as reward extra info."""
+    result = grade(solution_str, ground_truth, timeout_s, require_think)
+    info: dict[str, float | str] = {"score": result.score, "acc": result.score}
+    for outcome in Outcome:
+        info[f"answer_{outcome.value}"] = float(result.outcome is outcome)
+    info["pred"] = result.answer
+    info["data_source"] = str(data_source)
+    return info
+
+
+def format_number(value: numbers.Real) -> str:
+    """A gold number as text: integers and integral floats without a decimal point (142.0 -> "142")."""
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _clean(text: str) -> str:
+    text = _PERCENT.sub("", _UNESCAPED_DOLLAR.sub("", text)).strip()
+    return _E_NOTATION.sub(r"\1E\2", text)
+
+
+# --- worker processes -------------------------------------------------------------------------------------------
+
+
+def _boxed(text: str) -> str:
+    return "\\boxed{" + text + "}"
+
+
+def _serve(job_fd: int, result_fd: int) -> None:
+    """Worker process: import math-verify once, then answer (golds, answer) -> bool jobs until the pipe closes."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warnings: by design here
+    jobs = Connection(job_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    extraction = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+    results.send("ready")
+    while True:
+        try:
+            golds, answer = jobs.recv()
+        except EOFError:
+            return
+        # math-verify's own timeouts use signal.alarm; they are off here because the parent enforces the limit
+        try:
+            parsed_answer = parse(_boxed(answer), extraction, parsing_timeout=None)
+            verdict = bool(parsed_answer) and any(
+                verify(parse(_boxed(gold), extraction, parsing_timeout=None), parsed_answer, timeout_seconds=None)
+                for gold in golds
+            )
+        except Exception:  # math-verify catches its own errors; anything else is a failed match
+            logger.debug("math-verify failed on %r vs %r", answer, golds, exc_info=True)
+            verdict = False
+        results.send(verdict)
+
+
+class _Hung(Exception):
+    """The worker got a job and did not answer before the deadline."""
+
+
+class _Worker:
+    """A ``python -c`` child process (not multiprocessing: nothing re-imports the caller's ``__main__``)."""
+
+    def __init__(self) -> None:
+        job_read, job_write = os.pipe()
+        result_read, result_write = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        code = f"from recipe.disco.reward import _serve; _serve({job_read}, {result_write})"
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=(job_read, result_write), stdin=subprocess.DEVNULL, env=env
+        )
+        os.close(job_read)
+        os.close(result_write)
+        self._jobs = Connection(job_write, readable=False)
+        self._results = Connection(result_read, writable=False)
+        self._ready = False
+
+    def call(self, job: tuple[tuple[str, ...], str], deadline: float) -> bool | None:
+        """The verdict; None if the worker was still starting at the deadline (no job sent); raises ``_Hung``."""
+        if not self._ready:
+            if not self._results.poll(max(0.0, deadline - time.monotonic())):
+                return None
+            self._results.recv()
+            self._ready = True
+        self._jobs.send(job)
+        if not self._results.poll(max(0.0, deadline - time.monotonic())):
+            raise _Hung
+        return self._results.recv()
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._process.wait()
+        self._jobs.close()
+        self._results.close()
+
+
+class _VerifierPool:
+    """``size`` persistent workers; a worker that misses a deadline or dies is killed and replaced."""
+
+    def __init__(self, size: int):
+        self.pid = os.getpid()
+        self._workers: queue.Queue[_Worker] = queue.Queue()
+        for _ in range(size):
+            self._workers.put(_Worker())
+
+    def verify(self, golds: tuple[str, ...], answer: str, timeout_s: float) -> bool | None:
+        """math-verify's verdict for ``answer`` against any of ``golds``; None past the deadline."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            worker = self._workers.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        try:
+            for _ in range(2):
+                try:
+                    return worker.call((golds, answer), deadline)
+                except (EOFError, OSError):  # the worker had died (killed from outside, or by this job): retry once
+                    worker = self._replace(worker)
+            logger.warning("math-verify workers died twice while checking %r; scoring it as wrong", answer[:200])
+            return False
+        except _Hung:
+            worker = self._replace(worker)
+            return None
+        finally:
+            self._workers.put(worker)
+
+    def close(self) -> None:
+        """Kill the idle workers (at interpreter exit)."""
+        while not self._workers.empty():
+            self._workers.get_nowait().kill()
+
+    @staticmethod
+    def _replace(worker: _Worker) -> _Worker:
+        worker.kill()
+        return _Worker()
+
+
+_pool: _VerifierPool | None = None
+_pool_lock = threading.Lock()
+
+
+def _get_pool() -> _VerifierPool:
+    """The process's worker pool, started on first use (and again in a forked child)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.pid != os.getpid():
+            _pool = _VerifierPool(POOL_SIZE)
+            atexit.register(_pool.close)
+        return _pool
