@@ -42,12 +42,13 @@ from recipe.disco.grouping import (
     rank_partitions,
     whole_group_order,
 )
-from recipe.disco.trainer import DisCOTrainer, question_metrics, step_question_metrics
+from recipe.disco.trainer import DisCOTrainer, question_metrics, step_metrics
 
 N = 8  # rollout.n
 PROMPTS = 16  # prompts per step
 MINI_PROMPTS = 4  # ppo_mini_batch_size: 4 optimizer steps per step
 EOS = 2
+MAX_RESPONSE = 48  # data.max_response_length of the synthetic steps
 # (data-parallel ranks, micro-batch rows per GPU): every W in {1, 2, 4, 8}, micro-batches smaller and larger than n
 LAYOUTS = [(1, 8), (1, 32), (2, 4), (2, 16), (4, 2), (4, 8), (8, 1), (8, 4)]
 
@@ -59,7 +60,7 @@ def agent_loop_rows(rng: np.random.Generator) -> tuple[list[str], list[dict], li
     """Keys, TransferQueue fields and tags of one step, in shuffled completion order, plus each row's reward.
 
     Question difficulty in {0, 0.3, 0.7, 1} gives all-wrong, mixed and all-correct groups; 3 questions lose 1-3
-    answers (failed trajectories); response lengths are Pareto-tailed and truncated at 48 tokens.
+    answers (failed trajectories); response lengths are Pareto-tailed and truncated at MAX_RESPONSE tokens.
     """
     rows = []
     for q in range(PROMPTS):
@@ -68,7 +69,7 @@ def agent_loop_rows(rng: np.random.Generator) -> tuple[list[str], list[dict], li
         p_correct = [0.0, 0.3, 0.7, 1.0][q % 4]
         failed = int(rng.integers(1, 4)) if q % 5 == 1 else 0
         for session in range(N - failed):
-            length = int(min(48, 1 + rng.pareto(1.2) * 4))
+            length = int(min(MAX_RESPONSE, 1 + rng.pareto(1.2) * 4))
             output = AgentLoopOutput(
                 prompt_ids=prompt,
                 response_ids=rng.integers(3, 200, size=length).tolist(),
@@ -270,11 +271,12 @@ def test_without_the_layout_verl_splits_groups_and_the_loss_refuses(transfer_que
         loss_gradient(calls, LogProbs(real_rows, 64, 0), actor_cfg, shape)
 
 
-def test_step_question_metrics_count_from_transfer_queue(transfer_queue):
+def test_step_metrics_count_from_transfer_queue(transfer_queue):
     tq, rng = transfer_queue, np.random.default_rng(3)
     batch, rewards = put_step_batch(tq, "train_metrics", rng)
+    lengths = [tag["response_len"] for tag in batch.tags]
     batch = upsample_batch_to_divisible_size(batch, 1000, EOS)  # padding rows must not count
-    metrics = step_question_metrics(batch, N)
+    metrics = step_metrics(batch, N, max_response_length=MAX_RESPONSE)
 
     by_question: dict[str, list[float]] = {}
     for key, reward in rewards.items():
@@ -286,6 +288,7 @@ def test_step_question_metrics_count_from_transfer_queue(transfer_queue):
     assert metrics["disco/accuracy"] == pytest.approx(np.mean(list(rewards.values())))
     for k in range(N + 1):
         assert metrics[f"disco/correct_per_question/{k}"] == sum(c == k for c in correct.values())
+    assert 0 < metrics["disco/truncation_rate"] == np.mean(np.array(lengths) == MAX_RESPONSE)
 
 
 def test_question_metrics_by_hand():

@@ -8,7 +8,8 @@
   (``upsample_batch_to_divisible_size``) and reordered by :func:`recipe.disco.grouping.whole_group_order`, so
   that every global micro-batch of the update holds whole groups while tokens stay balanced over ranks. It logs
   verl's usual ``global_seqlen/*`` balance metrics.
-* ``_compute_metrics``, which adds ``disco/*`` question counts to verl's metrics (see :func:`question_metrics`).
+* ``_compute_metrics``, which adds ``disco/*`` question counts and the truncation rate to verl's metrics
+  (:func:`step_metrics`).
 
 :class:`DisCOTaskRunner` is the Ray task runner that builds this trainer (verl's ``TaskRunnerV1`` picks its
 trainer from a registry whose ``sync`` entry cannot be replaced).
@@ -82,12 +83,21 @@ def question_metrics(uids: Sequence[str], rewards: Sequence[float], rollout_n: i
     return {key: float(value) for key, value in metrics.items()}
 
 
-def step_question_metrics(batch: KVBatchMeta, rollout_n: int) -> dict[str, float]:
-    """:func:`question_metrics` of a step batch held in TransferQueue (padding rows left out)."""
-    keys = [key for key, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
+def step_metrics(batch: KVBatchMeta, rollout_n: int, max_response_length: int) -> dict[str, float]:
+    """:func:`question_metrics` of a step batch held in TransferQueue, plus ``disco/truncation_rate``.
+
+    The truncation rate is the fraction of answers that reached ``data.max_response_length`` tokens (verl's
+    ``response_length/clip_ratio`` compares with the longest answer of the step instead, so in the v1 trainer it is
+    not a truncation rate when no answer was cut). Padding rows are left out.
+    """
+    real = [(key, tag) for key, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
+    keys = [key for key, _ in real]
     scores = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["rm_scores"])["rm_scores"]
     rewards = torch.stack([row.sum() for row in scores.unbind()]).tolist()
-    return question_metrics([uid_of_key(key) for key in keys], rewards, rollout_n)
+    metrics = question_metrics([uid_of_key(key) for key in keys], rewards, rollout_n)
+    truncated = sum(tag["response_len"] >= max_response_length for _, tag in real)
+    metrics[METRIC_PREFIX + "truncation_rate"] = truncated / max(len(real), 1)
+    return metrics
 
 
 class DisCOTrainer(PPOTrainerSync):
@@ -101,7 +111,8 @@ class DisCOTrainer(PPOTrainerSync):
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
-        metrics.update(step_question_metrics(batch, self.config.actor_rollout_ref.rollout.n))
+        config = self.config
+        metrics.update(step_metrics(batch, config.actor_rollout_ref.rollout.n, config.data.max_response_length))
 
 
 class DisCOTaskRunner:
