@@ -21,6 +21,7 @@ from recipe.disco.trainer import DisCOTrainer
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "recipe" / "disco"
 MICRO = "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
+LOG_PROB_MICRO = "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu"
 # the paper's batch shape on one node of 8 GPUs: 128 prompts x 8 answers, 32 prompts per mini-batch, 4 per GPU
 VALID = [
     "trainer.n_gpus_per_node=8",
@@ -64,6 +65,7 @@ def test_the_paper_setting_passes():
         (f"{MICRO}=null", f"{MICRO}=None", f"set {MICRO}=4"),
         ("trainer.n_gpus_per_node=1", f"{MICRO}=4", f"set {MICRO}=8"),  # 1 GPU: 4 answers < n
         ("trainer.n_gpus_per_node=3", f"{MICRO}=4", "multiple of rollout.n x the number of GPUs"),
+        (f"{LOG_PROB_MICRO}=5", f"{LOG_PROB_MICRO}=5", "to a divisor of 32"),  # 256 answers / 8 ranks
     ],
 )
 def test_each_refused_setting_has_one_message_naming_key_value_and_fix(override, key, fix):

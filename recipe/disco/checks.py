@@ -116,6 +116,14 @@ def _batch_problems(config: DictConfig) -> list[str]:
             f"must be a multiple of rollout.n={n} and divide a mini-batch of {ACTOR}.ppo_mini_batch_size x n = "
             f"{mini_rows} answers; {_micro_fix(dp, mini_rows, n, m)}"
         )
+    log_prob_key = "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu"
+    log_prob_micro = config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+    if dp >= 1 and mini_rows % dp == 0 and log_prob_micro and (mini_rows // dp) % log_prob_micro:
+        problems.append(
+            f"{log_prob_key}={log_prob_micro}: each rank gets a multiple of {mini_rows // dp} answers per step, which "
+            f"the old-log-prob pass must cut into whole micro-batches; set {log_prob_key} to a divisor of "
+            f"{mini_rows // dp}"
+        )
     return problems
 
 
