@@ -112,25 +112,20 @@ def extract_answer(solution_str: str, require_think: bool = True) -> str | None:
 
 def gold_answers(ground_truth: Any) -> list[str]:
     """Accepted gold answers as cleaned strings (rule 3): a string, a number, or a list/tuple/array of them."""
-    if isinstance(ground_truth, str):
-        items = [ground_truth]
-    elif isinstance(ground_truth, numbers.Real) and not isinstance(ground_truth, bool):
-        items = [format_number(ground_truth)]
-    elif hasattr(ground_truth, "tolist") or isinstance(ground_truth, list | tuple):
-        values = ground_truth.tolist() if hasattr(ground_truth, "tolist") else ground_truth
-        return [gold for value in values for gold in gold_answers(value)]
-    else:
+    if hasattr(ground_truth, "tolist"):  # numpy arrays and scalars, as verl hands over parquet lists
+        ground_truth = ground_truth.tolist()
+    if isinstance(ground_truth, list | tuple):
+        return [gold for item in ground_truth for gold in gold_answers(item)]
+    if isinstance(ground_truth, numbers.Real) and not isinstance(ground_truth, bool):
+        ground_truth = format_number(ground_truth)
+    if not isinstance(ground_truth, str):
         raise TypeError(
             f"ground_truth must be a string, a number or a list of them, got {type(ground_truth).__name__}: "
             f"{ground_truth!r}; fix the dataset's reward_model.ground_truth (see recipe/disco/data.py)"
         )
-    golds = []
-    for item in items:
-        boxed = last_boxed(item)
-        gold = _clean(boxed if boxed is not None else item)
-        if gold:
-            golds.append(gold)
-    return golds
+    boxed = last_boxed(ground_truth)
+    gold = _clean(boxed if boxed is not None else ground_truth)
+    return [gold] if gold else []
 
 
 def grade(

@@ -1,0 +1,289 @@
+"""The evaluation table (recipe/disco/evaluate.py) on validation outputs recorded by verl's own writers, and a dry
+run of run_eval.sh.
+
+A simulated validation (known correct/wrong pattern per sample) is scored by the real reward function and
+recorded exactly as verl's v1 trainer records it: the generations file by ``PPOTrainer._write_generations`` and
+the metrics by ``PPOTrainer._val_metrics_update`` logged through verl's ``FileLogger``. Expected pass@k values
+come from enumerating every k-subset of each problem's samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from conftest import compose_disco
+
+from recipe.disco import data, evaluate
+from recipe.disco.reward import compute_score_with_info
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_ORDER = ["AIME24", "AIME25", "MATH500", "AMC23", "Minerva", "O-Bench", "Avg"]
+N = 4
+# data_source -> per problem, which of its N samples are correct (None: the response was cut off, no answer)
+PATTERNS = {
+    "aime24": [[1, 0, 0, 0], [0, 0, 0, 0]],
+    "aime25": [[1, 1, 0, None]],
+    "math500": [[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1]],
+    "amc23": [[0, 1, 0, 0], [1, 1, 1, 0]],
+    "minerva": [[None, None, 0, 1]],
+    "olympiad_bench": [[0, 0, 1, 1], [1, 1, 1, 1]],
+}
+
+
+def brute_pass_at_k(samples: list[bool], k: int) -> float:
+    subsets = list(itertools.combinations(samples, k))
+    return sum(any(subset) for subset in subsets) / len(subsets)
+
+
+def expected_table(patterns: dict) -> dict[int, dict[str, float]]:
+    return {
+        k: {
+            evaluate.COLUMNS[source]: sum(brute_pass_at_k([s == 1 for s in p], k) for p in problems) / len(problems)
+            for source, problems in patterns.items()
+        }
+        for k in range(1, N + 1)
+    }
+
+
+def _response(correct: int | None, gold: str) -> str:
+    if correct is None:
+        return "Let me think about it more carefully, so"
+    return f"Thinking.</think> The answer is $\\boxed{{{gold if correct else gold + '1'}}}$."
+
+
+def record_validation(tmp_path: Path, patterns: dict, monkeypatch) -> tuple[Path, Path]:
+    """Score the samples with the real reward and record them with verl's writers; returns (generations, log)."""
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils.tracking import FileLogger
+
+    inputs, outputs, gts, scores, keys, data_sources, sample_uids = [], [], [], [], [], [], []
+    infos: dict[str, list] = defaultdict(list)
+    expected_acc_counts = {}
+    for source, problems in patterns.items():
+        for index, pattern in enumerate(problems):
+            uid, gold = str(uuid.uuid4()), str(17 + index)
+            expected_acc_counts[(source, uid)] = N
+            for session, correct in enumerate(pattern):
+                response = _response(correct, gold)
+                info = compute_score_with_info(data_source=source, solution_str=response, ground_truth=[gold])
+                inputs.append(f"problem {index} of {source}")
+                outputs.append(response)
+                gts.append([gold])
+                scores.append(info["score"])
+                keys.append(f"{uid}_{session}_0")
+                data_sources.append(source)
+                sample_uids.append(uid)
+                infos["reward"].append(info["score"])
+                for key, value in info.items():
+                    infos[key].append(value)
+    generations = tmp_path / "generations"
+    PPOTrainer._write_generations(inputs, outputs, gts, scores, {**infos, "uid": keys}, str(generations), 0)
+    metrics = PPOTrainer._val_metrics_update(None, data_sources, sample_uids, dict(infos), [], expected_acc_counts)
+    log = tmp_path / "metrics.jsonl"
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(log))
+    logger = FileLogger("disco", "eval")
+    logger.log(data={"training/global_step": 0}, step=0)
+    logger.log(data=metrics, step=0)
+    logger.finish()
+    return generations / "0.jsonl", log
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return record_validation(tmp_path_factory.mktemp("recorded"), PATTERNS, monkeypatch)
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_unbiased_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):
+        samples = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            assert evaluate.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(samples, k), abs=1e-12)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)])
+def test_pass_at_k_rejects_impossible_counts(n, c, k):
+    with pytest.raises(ValueError, match="pass@k"):
+        evaluate.pass_at_k(n, c, k)
+
+
+def test_table_from_verl_generations(recorded):
+    generations, _ = recorded
+    rows = evaluate.read_jsonl(generations)
+    expected_problems = {source: len(problems) for source, problems in PATTERNS.items()}
+    table = evaluate.table_from_generations(rows, n_samples=N, expected_problems=expected_problems, label="m")
+    expected = expected_table(PATTERNS)
+    assert table.n_samples == N and table.missing_samples == 0
+    assert table.problems == {evaluate.COLUMNS[s]: count for s, count in expected_problems.items()}
+    for k in range(1, N + 1):
+        assert table.pass_at[k] == pytest.approx(expected[k])
+        assert table.average(k) == pytest.approx(sum(expected[k].values()) / 6)
+    # pass@1 is the plain accuracy over all samples of a benchmark's problems
+    aime25 = [s == 1 for p in PATTERNS["aime25"] for s in p]
+    assert table.pass_at[1]["AIME25"] == pytest.approx(sum(aime25) / len(aime25))
+
+
+def test_markdown_and_csv_in_paper_order(recorded, tmp_path):
+    table = evaluate.table_from_generations(evaluate.read_jsonl(recorded[0]), n_samples=N, label="my-model")
+    markdown, csv_path = evaluate.write_table(table, tmp_path)
+    lines = markdown.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| Model |"))
+    assert [cell.strip() for cell in header.strip("|").split("|")] == ["Model", *PAPER_ORDER]
+    row = next(line for line in lines if line.startswith("| my-model |"))
+    expected = expected_table(PATTERNS)[1]
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    assert cells == [f"{v:.3f}" for v in [*expected.values(), sum(expected.values()) / 6]]
+    assert sum(line.startswith(f"| {k} |") for k in range(1, N + 1) for line in lines) == N
+    records = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert [r["metric"] for r in records] == [f"pass@{k}" for k in range(1, N + 1)]
+    assert list(records[0])[1:] == PAPER_ORDER
+    for k, record in enumerate(records, start=1):
+        values = expected_table(PATTERNS)[k]
+        assert float(record["Avg"]) == pytest.approx(sum(values.values()) / 6, abs=1e-6)
+        assert {c: float(record[c]) for c in values} == pytest.approx(values, abs=1e-6)
+
+
+def test_table_from_recorded_metrics_matches_generations(recorded):
+    generations, log = recorded
+    metrics = evaluate.last_validation_metrics(evaluate.read_jsonl(log))
+    from_metrics = evaluate.table_from_metrics(metrics)
+    from_generations = evaluate.table_from_generations(evaluate.read_jsonl(generations), n_samples=N)
+    assert from_metrics.n_samples == N
+    assert from_metrics.pass_at[1] == pytest.approx(from_generations.pass_at[1])
+    assert from_metrics.pass_at[1] == pytest.approx(expected_table(PATTERNS)[1])
+    assert evaluate.to_csv(from_metrics).splitlines()[0] == ",".join(["metric", *PAPER_ORDER])
+
+
+def test_outcome_rates_are_logged_per_benchmark(recorded):
+    metrics = evaluate.last_validation_metrics(evaluate.read_jsonl(recorded[1]))
+    minerva = [s for p in PATTERNS["minerva"] for s in p]
+    assert metrics[f"val-aux/minerva/answer_missing/mean@{N}"] == pytest.approx(minerva.count(None) / len(minerva))
+    assert metrics[f"val-aux/minerva/answer_right/mean@{N}"] == pytest.approx(minerva.count(1) / len(minerva))
+
+
+def test_metrics_of_other_data_sources_and_partial_tables():
+    metrics = {"val-core/lighteval/MATH/acc/mean@16": 0.5, "val-core/aime24/acc/mean@16": 0.25, "val-aux/x": 1.0}
+    table = evaluate.table_from_metrics(metrics, label="partial")
+    assert table.pass_at[1] == {"AIME24": 0.25, "lighteval/MATH": 0.5}
+    assert table.average(1) is None  # not all six benchmarks
+    row = next(line for line in evaluate.to_markdown(table).splitlines() if line.startswith("| partial |"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["partial", "0.250", *["–"] * 6, "0.500"]
+
+
+def test_missing_samples_count_as_wrong(recorded):
+    rows = evaluate.read_jsonl(recorded[0])
+    dropped = [row for row in rows if not (row["data_source"] == "math500" and row["uid"].endswith("_0_0"))]
+    table = evaluate.table_from_generations(dropped, n_samples=N)
+    patterns = {**PATTERNS, "math500": [[0, *p[1:]] for p in PATTERNS["math500"]]}
+    assert table.missing_samples == len(PATTERNS["math500"])
+    assert table.pass_at[1] == pytest.approx(expected_table(patterns)[1])
+    assert "count as wrong" in evaluate.to_markdown(table)
+
+
+def test_generations_are_checked(recorded):
+    rows = evaluate.read_jsonl(recorded[0])
+    with pytest.raises(ValueError, match="aime24: 2 problems in the generations, expected 30"):
+        evaluate.table_from_generations(rows, n_samples=N, expected_problems={"aime24": 30})
+    with pytest.raises(ValueError, match="compute_score_with_info"):
+        evaluate.table_from_generations([{k: v for k, v in r.items() if k != "data_source"} for r in rows])
+    with pytest.raises(ValueError, match="0/1 correctness"):
+        evaluate.table_from_generations([{**rows[0], "acc": 0.5}])
+    with pytest.raises(ValueError, match="more than n_samples"):
+        evaluate.table_from_generations(rows, n_samples=N - 1)
+
+
+def test_cli_tables_from_saved_files(recorded, tmp_path):
+    generations, log = recorded
+    assert evaluate.main(["--from-generations", str(generations), "--output-dir", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "results.csv").read_text().count("pass@") == N
+    assert evaluate.main(["--from-metrics", str(log), "--output-dir", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "results.csv").read_text().count("pass@") == 1
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval_data")
+    fixtures = REPO / "tests" / "fixtures" / "data"
+    counts = [
+        f"--expected-rows={name}={len(json.loads((fixtures / f'{data.DATASETS[name].source_file}.json').read_text()))}"
+        for name in data.EVAL_DATASETS
+    ]
+    argv = ["--output-dir", str(out), "--from-dir", str(fixtures), "--datasets", *data.EVAL_DATASETS, *counts]
+    assert data.main(argv) == 0
+    return out
+
+
+def test_eval_config_composes_with_the_paper_protocol(eval_data, tmp_path):
+    """The overrides evaluate passes to main_disco, composed with the recipe YAML by Hydra."""
+    args = evaluate._parser().parse_args(
+        ["--model-path", "m", "--data-dir", str(eval_data), "--output-dir", str(tmp_path), "--n-samples", "16"]
+    )
+    config = compose_disco(evaluate.eval_overrides(args))
+    sampling = config.actor_rollout_ref.rollout.val_kwargs
+    assert (sampling.n, sampling.temperature, sampling.top_p, sampling.do_sample) == (16, 0.6, 0.95, True)
+    assert config.data.max_response_length == config.actor_rollout_ref.rollout.response_length == 8192
+    assert config.trainer.val_only and config.trainer.val_before_train and config.trainer.resume_mode == "disable"
+    assert list(config.data.val_files) == [str(eval_data / data.DATASETS[n].output) for n in data.EVAL_DATASETS]
+    assert config.reward.custom_reward_function.name == "compute_score_with_info"
+    assert config.trainer.validation_data_dir == str(tmp_path / "generations")
+    assert not config.data.filter_overlong_prompts
+
+
+def test_run_eval_dry_run_composes_and_validates(eval_data, tmp_path):
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "PYTHON": sys.executable,
+        "DISCO_DATA_DIR": str(eval_data),
+        "OUTPUT_DIR": str(tmp_path / "eval"),
+        "MODEL_PATH": str(tmp_path / "model"),
+        "NGPUS_PER_NODE": "4",
+        "N_SAMPLES": "12",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "recipe/disco/run_eval.sh"), "trainer.project_name=dry-run-project"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "DRY_RUN: configuration valid for DisCO" in out
+    for expected in (
+        "val_only: true",
+        "'n': 12",  # N_SAMPLES reaches val_kwargs.n (YAML quotes the key n)
+        "top_p: 0.95",
+        "max_response_length: 8192",
+        "n_gpus_per_node: 4",
+        "name: compute_score_with_info",
+        f"validation_data_dir: {tmp_path / 'eval' / 'generations'}",
+        "project_name: dry-run-project",  # Hydra overrides pass through
+    ):
+        assert expected in out, expected
+    for name in data.EVAL_DATASETS:
+        assert f"- {eval_data / data.DATASETS[name].output}" in out
+    assert not (tmp_path / "eval" / "results.md").exists()
+
+
+def test_run_eval_without_data_says_what_to_do(tmp_path):
+    result = subprocess.run(
+        ["bash", str(REPO / "recipe/disco/run_eval.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, "DISCO_DATA_DIR": str(tmp_path), "OUTPUT_DIR": str(tmp_path)},
+        timeout=300,
+    )
+    assert result.returncode == 1 and "prepare_data.sh" in result.stderr
