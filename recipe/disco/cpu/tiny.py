@@ -1,0 +1,244 @@
+"""A tiny offline model and task for the CPU backend (tests and the demo): built in seconds, no download.
+
+* Task: single-digit addition, "What is 3+5? Let's think step by step and output the final answer within
+  \\boxed{}." (the real data's prompt suffix), answered as ``\\boxed{8}``. Rows are written with the real data's
+  parquet schema (``recipe.disco.data``: ``data_source``, one user message as ``prompt``, ``ability``,
+  ``reward_model: {style: rule, ground_truth: [answers]}``, ``extra_info: {split, index}``), so the project's
+  reward function (``recipe.disco.reward``, with ``require_think=False``: the tiny model does not reason in
+  ``<think>`` tags) scores them.
+* Tokenizer: a byte-level BPE trained on the task's own text, with a Qwen-style chat template. It must be
+  byte-level: transformers 5 loads any ``model_type: qwen2`` tokenizer as ``Qwen2Tokenizer``, which installs its
+  own ByteLevel pre-tokenizer and would silently drop spaces and newlines of a character-level vocabulary.
+* Model: a randomly initialised ``Qwen2ForCausalLM`` (about 0.1M parameters), then a warm start of supervised
+  steps on all questions in which only a fraction (``WARM_START["boxed_fraction"]``) of the target answers are
+  boxed, the others being the bare number. The warm-started model mostly knows the sum but boxes it in about a
+  third of its samples, so its reward starts near 0.2 with mixed groups (right and wrong answers to one question),
+  and RL raises it within a few dozen steps by learning to box, as RL on real models first learns the answer
+  format. The model is far too small to learn addition from RL alone. The validation questions were seen in the
+  warm start but not in RL, so they measure whether what RL learned transfers.
+
+``build_tiny(directory, seed)`` writes everything and returns the paths; it is deterministic by seed and reuses a
+finished build of the same seed and specification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from recipe.disco.data import PROMPT_SUFFIX, write_parquet
+
+DATA_SOURCE = "synthetic/addition"
+MAX_OPERAND = 9
+NUM_VAL = 20
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+VOCAB_SIZE = 320
+MODEL_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+WARM_START = dict(steps=250, lr=3e-3, boxed_fraction=0.3)
+# A finished build is reused only if it was made with this specification (bump "version" when the code changes).
+SPEC = {
+    "version": 1,
+    "max_operand": MAX_OPERAND,
+    "num_val": NUM_VAL,
+    "vocab_size": VOCAB_SIZE,
+    **MODEL_SHAPE,
+    **{f"warm_start_{key}": value for key, value in WARM_START.items()},
+}
+
+
+@dataclass(frozen=True)
+class TinyBuild:
+    """Where ``build_tiny`` put the model (with tokenizer) and the parquet files."""
+
+    model_dir: Path
+    train_file: Path
+    val_file: Path
+
+
+def question(a: int, b: int) -> str:
+    """The user message for a + b."""
+    return f"What is {a}+{b}? {PROMPT_SUFFIX}"
+
+
+def answer(a: int, b: int) -> str:
+    """The rewarded response for a + b."""
+    return f"\\boxed{{{a + b}}}"
+
+
+def split_problems(seed: int) -> dict[str, list[tuple[int, int]]]:
+    """All operand pairs, shuffled by ``seed``, split into ``train`` and ``val`` (NUM_VAL pairs held out of RL)."""
+    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    random.Random(seed).shuffle(pairs)
+    return {"train": pairs[NUM_VAL:], "val": pairs[:NUM_VAL]}
+
+
+def task_rows(pairs: list[tuple[int, int]], split: str) -> list[dict]:
+    """verl parquet rows for the given pairs."""
+    return [
+        {
+            "data_source": DATA_SOURCE,
+            "prompt": [{"role": "user", "content": question(a, b)}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": [str(a + b)]},
+            "extra_info": {"split": split, "index": index},
+        }
+        for index, (a, b) in enumerate(pairs)
+    ]
+
+
+def build_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer trained on ``texts``, wrapped for transformers with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, chat_template=CHAT_TEMPLATE
+    )
+
+
+def build_model(tokenizer):
+    """A randomly initialised Qwen2 causal LM sized for the tokenizer (call ``torch.manual_seed`` first)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_SHAPE,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.bos_token_id = None
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def prompt_ids(tokenizer, a: int, b: int) -> list[int]:
+    """Token ids of the chat-rendered question, ending with the assistant header (as verl renders it)."""
+    messages = [{"role": "user", "content": question(a, b)}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def warm_start(model, tokenizer, pairs: list[tuple[int, int]], seed: int) -> None:
+    """Full-batch supervised steps on all ``pairs``; each step boxes a random ``boxed_fraction`` of the targets.
+
+    The loss covers the response tokens only. One torch thread keeps it fast on a busy machine and exact
+    across machines.
+    """
+    prompts = [prompt_ids(tokenizer, a, b) for a, b in pairs]
+    boxed = [_response_ids(tokenizer, answer(a, b)) for a, b in pairs]
+    bare = [_response_ids(tokenizer, str(a + b)) for a, b in pairs]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_START["lr"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model.train()
+    try:
+        for _ in range(WARM_START["steps"]):
+            use_boxed = (torch.rand(len(pairs), generator=generator) < WARM_START["boxed_fraction"]).tolist()
+            examples = [(p, b if box else n) for p, b, n, box in zip(prompts, boxed, bare, use_boxed, strict=True)]
+            input_ids, attention_mask, labels = _right_padded(examples, tokenizer.pad_token_id)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+
+
+def _response_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def _right_padded(
+    examples: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt+response ids right-padded with ``pad_id``, their attention mask, labels (-100 off the response)."""
+    width = max(len(p) + len(r) for p, r in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100)
+    for row, (prompt, response) in enumerate(examples):
+        sequence = torch.tensor(prompt + response)
+        input_ids[row, : len(sequence)] = sequence
+        attention_mask[row, : len(sequence)] = 1
+        labels[row, len(prompt) : len(sequence)] = torch.tensor(response)
+    return input_ids, attention_mask, labels
+
+
+def build_tiny(directory: str | os.PathLike, seed: int = 0) -> TinyBuild:
+    """Build (or reuse) the tiny model, tokenizer and train/val parquet files under ``directory/tiny-seed<seed>``.
+
+    The build is written to a staging directory and renamed into place, so a concurrent reader sees either no
+    build or a finished one.
+    """
+    target = Path(directory) / f"tiny-seed{seed}"
+    build = TinyBuild(model_dir=target / "model", train_file=target / "train.parquet", val_file=target / "val.parquet")
+    spec = {**SPEC, "seed": seed}
+    if _read_spec(target) == spec:
+        return build
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)
+    _write_build(staging, seed)
+    (staging / "spec.json").write_text(json.dumps(spec))
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(staging)
+    return build
+
+
+def _read_spec(target: Path) -> dict | None:
+    spec_file = target / "spec.json"
+    return json.loads(spec_file.read_text()) if spec_file.exists() else None
+
+
+def _write_build(directory: Path, seed: int) -> None:
+    splits = split_problems(seed)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(_corpus(splits["train"] + splits["val"]))
+    model = build_model(tokenizer)
+    warm_start(model, tokenizer, splits["train"] + splits["val"], seed)
+    tokenizer.save_pretrained(directory / "model")
+    model.save_pretrained(directory / "model")
+    for split, pairs in splits.items():
+        write_parquet(task_rows(pairs, split), directory / f"{split}.parquet")
+
+
+def _corpus(pairs: list[tuple[int, int]]) -> list[str]:
+    """Text the tokenizer is trained on: every question and its boxed response, in the chat layout."""
+    return [
+        f"{BOS_TOKEN}user\n{question(a, b)}{EOS_TOKEN}\n{BOS_TOKEN}assistant\n{answer(a, b)}{EOS_TOKEN}\n"
+        for a, b in pairs
+    ]
