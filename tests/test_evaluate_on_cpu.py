@@ -287,3 +287,63 @@ def test_run_eval_without_data_says_what_to_do(tmp_path):
         timeout=300,
     )
     assert result.returncode == 1 and "prepare_data.sh" in result.stderr
+
+
+def test_run_eval_end_to_end_on_cpu(tmp_path):
+    """run_eval.sh through verl's real validation-only run: the CPU backend's tiny model on six 3-problem benchmarks
+    (the tiny task's rows under the six data_source names), 2 samples each; the table agrees with the pass@1 that
+    verl itself logs (val-core/<data_source>/acc/mean@2, captured by verl's file logger)."""
+    tiny = pytest.importorskip("recipe.disco.cpu.tiny")
+    import pyarrow.parquet as pq
+
+    build = tiny.build_tiny(tmp_path / "tiny", seed=0)
+    rows = pq.read_table(build.val_file).to_pylist()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for i, name in enumerate(data.EVAL_DATASETS):
+        data.write_parquet(
+            [{**row, "data_source": name} for row in rows[3 * i : 3 * i + 3]], data_dir / f"{name}.parquet"
+        )
+    out, log = tmp_path / "eval", tmp_path / "metrics.jsonl"
+    env = {
+        **os.environ,
+        "DISCO_CPU_BACKEND": "1",
+        "VERL_FILE_LOGGER_PATH": str(log),
+        "PYTHON": sys.executable,
+        "DISCO_DATA_DIR": str(data_dir),
+        "OUTPUT_DIR": str(out),
+        "MODEL_PATH": str(build.model_dir),
+        "LABEL": "tiny",
+        "N_SAMPLES": "2",
+        "RESPONSE_LENGTH": "16",
+        "PROMPT_LENGTH": "64",
+        "NGPUS_PER_NODE": "1",
+    }
+    cpu = [
+        "actor_rollout_ref.rollout.name=hf",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "trainer.device=cpu",
+        "+ray_kwargs.ray_init.num_gpus=1",
+        "ray_kwargs.ray_init.num_cpus=16",
+        "reward.num_workers=1",
+        "trainer.logger=[console,file]",
+        "+reward.custom_reward_function.reward_kwargs.require_think=false",  # the tiny model does not use <think>
+    ]
+    result = subprocess.run(
+        ["bash", str(REPO / "recipe/disco/run_eval.sh"), *cpu],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert [r["metric"] for r in records] == ["pass@1", "pass@2"] and list(records[0])[1:] == PAPER_ORDER
+    table = evaluate.table_from_generations(evaluate.read_jsonl(out / "generations" / "0.jsonl"))
+    assert table.n_samples == 2 and table.problems == dict.fromkeys(PAPER_ORDER[:6], 3)
+    verl_pass_at_1 = evaluate.table_from_metrics(evaluate.last_validation_metrics(evaluate.read_jsonl(log)))
+    assert verl_pass_at_1.pass_at[1] == pytest.approx(table.pass_at[1])
+    assert {c: float(records[0][c]) for c in PAPER_ORDER[:6]} == pytest.approx(table.pass_at[1], abs=1e-6)
+    assert "| tiny |" in (out / "results.md").read_text()

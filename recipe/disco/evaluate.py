@@ -234,6 +234,7 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
         f"actor_rollout_ref.rollout.val_kwargs.temperature={args.temperature}",
         f"actor_rollout_ref.rollout.val_kwargs.top_p={args.top_p}",
         "actor_rollout_ref.rollout.val_kwargs.top_k=-1",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",  # as the paper's evaluation; fits 7B at 8k
         "reward.custom_reward_function.path=pkg://recipe.disco.reward",
         "reward.custom_reward_function.name=compute_score_with_info",
         # training-only settings the startup checks require (whole groups per micro-batch); nothing trains
