@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -319,10 +320,14 @@ def test_run_eval_end_to_end_on_cpu(tmp_path):
         "PROMPT_LENGTH": "64",
         "NGPUS_PER_NODE": "1",
     }
-    cpu = [
+    cpu = [  # the CPU backend's settings (tests/e2e_utils.py), for a validation-only run
         "actor_rollout_ref.rollout.name=hf",
         "actor_rollout_ref.actor.strategy=fsdp2",
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.model.use_remove_padding=False",
+        "actor_rollout_ref.rollout.agent.num_workers=1",
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+        "data.dataloader_num_workers=0",
         "trainer.device=cpu",
         "+ray_kwargs.ray_init.num_gpus=1",
         "ray_kwargs.ray_init.num_cpus=16",
@@ -330,15 +335,22 @@ def test_run_eval_end_to_end_on_cpu(tmp_path):
         "trainer.logger=[console,file]",
         "+reward.custom_reward_function.reward_kwargs.require_think=false",  # the tiny model does not use <think>
     ]
-    result = subprocess.run(
-        ["bash", str(REPO / "recipe/disco/run_eval.sh"), *cpu],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    with open(tmp_path / "run.log", "w") as output:
+        process = subprocess.Popen(
+            ["bash", str(REPO / "recipe/disco/run_eval.sh"), *cpu],
+            cwd=tmp_path,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a timeout ends Ray's processes with the run
+        )
+        try:
+            returncode = process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = "timeout"
+    assert returncode == 0, (tmp_path / "run.log").read_text()[-5000:]
     records = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert [r["metric"] for r in records] == ["pass@1", "pass@2"] and list(records[0])[1:] == PAPER_ORDER
     table = evaluate.table_from_generations(evaluate.read_jsonl(out / "generations" / "0.jsonl"))
