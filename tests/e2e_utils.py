@@ -12,9 +12,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from recipe.disco.cpu.tiny import TinyBuild
+from recipe.disco.cpu.tiny import TinyBuild, build_tiny
+
+TINY_CACHE = Path(tempfile.gettempdir()) / "disco-tiny-cache"
+
+
+def cached_tiny_build(seed: int = 0) -> TinyBuild:
+    """The tiny model and task, built once per machine (``build_tiny`` reuses a build of the same specification)."""
+    return build_tiny(TINY_CACHE, seed)
 
 
 def cpu_overrides(
