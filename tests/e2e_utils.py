@@ -37,7 +37,8 @@ def cpu_overrides(
     """Overrides for verl's trainer on CPU with the tiny build; the caller adds the algorithm's own.
 
     ``n_gpus`` simulated data-parallel ranks (logical Ray GPUs, gloo), all ranks sharing one ``hf`` rollout
-    server; one mini-batch (one optimizer step) per training step, one micro-batch per rank.
+    server; one mini-batch (one optimizer step) per training step, one micro-batch per rank; the v1 trainer's
+    replay buffer polls every 0.05 s instead of 2 s (``recipe.disco.cpu.sampler``).
     """
     answers_per_rank = prompts_per_step * rollout_n // n_gpus
     return [
@@ -76,6 +77,8 @@ def cpu_overrides(
         f"trainer.total_training_steps={steps}",
         "trainer.save_freq=-1",
         "trainer.test_freq=-1",
+        "trainer.v1.sampler.custom_sampler.path=pkg://recipe.disco.cpu.sampler",
+        "trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer",
         "ray_kwargs.ray_init.num_cpus=16",
         f"+ray_kwargs.ray_init.num_gpus={n_gpus}",
     ]
