@@ -153,10 +153,12 @@ class HFRolloutServer:
             outputs = await asyncio.to_thread(self.sample, [r.prompt_ids for r in requests], sampling)
         except Exception as error:  # hand the failure to every waiting request
             for request in requests:
-                request.future.set_exception(error)
+                if not request.future.done():
+                    request.future.set_exception(error)
             return
         for request, (token_ids, log_probs) in zip(requests, outputs, strict=True):
-            request.future.set_result((token_ids, log_probs, self.global_steps))
+            if not request.future.done():  # a cancelled caller has stopped waiting
+                request.future.set_result((token_ids, log_probs, self.global_steps))
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], sampling: Sampling) -> list[tuple[list[int], list[float]]]:

@@ -30,15 +30,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from recipe.disco.data import PROMPT_SUFFIX, write_parquet
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
 DATA_SOURCE = "synthetic/addition"
 MAX_OPERAND = 9
 NUM_VAL = 20
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+PAD_TOKEN, TURN_START, TURN_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"  # TURN_END is the eos
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -101,7 +105,7 @@ def task_rows(pairs: list[tuple[int, int]], split: str) -> list[dict]:
     ]
 
 
-def build_tokenizer(texts: list[str]):
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts``, wrapped for transformers with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -111,17 +115,17 @@ def build_tokenizer(texts: list[str]):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        special_tokens=[PAD_TOKEN, TURN_START, TURN_END],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, chat_template=CHAT_TEMPLATE
+        tokenizer_object=bpe, eos_token=TURN_END, pad_token=PAD_TOKEN, chat_template=CHAT_TEMPLATE
     )
 
 
-def build_model(tokenizer):
+def build_model(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A randomly initialised Qwen2 causal LM sized for the tokenizer (call ``torch.manual_seed`` first)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -141,13 +145,15 @@ def build_model(tokenizer):
     return model
 
 
-def prompt_ids(tokenizer, a: int, b: int) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, a: int, b: int) -> list[int]:
     """Token ids of the chat-rendered question, ending with the assistant header (as verl renders it)."""
     messages = [{"role": "user", "content": question(a, b)}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-def warm_start(model, tokenizer, pairs: list[tuple[int, int]], seed: int) -> None:
+def warm_start(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[int, int]], seed: int
+) -> None:
     """Full-batch supervised steps on all ``pairs``; each step boxes a random ``boxed_fraction`` of the targets.
 
     The loss covers the response tokens only. One torch thread keeps it fast on a busy machine and exact
@@ -175,7 +181,7 @@ def warm_start(model, tokenizer, pairs: list[tuple[int, int]], seed: int) -> Non
         model.eval()
 
 
-def _response_ids(tokenizer, text: str) -> list[int]:
+def _response_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
@@ -210,12 +216,15 @@ def build_tiny(directory: str | os.PathLike, seed: int = 0) -> TinyBuild:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     staging.chmod(0o755)
-    _write_build(staging, seed)
-    (staging / "spec.json").write_text(json.dumps(spec))
     try:
+        _write_build(staging, seed)
+        (staging / "spec.json").write_text(json.dumps(spec))
         os.replace(staging, target)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(staging)
+    except OSError:
+        if _read_spec(target) != spec:  # unless another process finished the same build first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # left only by a failed or duplicate build
     return build
 
 
@@ -226,10 +235,11 @@ def _read_spec(target: Path) -> dict | None:
 
 def _write_build(directory: Path, seed: int) -> None:
     splits = split_problems(seed)
-    torch.manual_seed(seed)
     tokenizer = build_tokenizer(_corpus(splits["train"] + splits["val"]))
-    model = build_model(tokenizer)
-    warm_start(model, tokenizer, splits["train"] + splits["val"], seed)
+    with torch.random.fork_rng():  # leaves the caller's random state alone
+        torch.manual_seed(seed)
+        model = build_model(tokenizer)
+        warm_start(model, tokenizer, splits["train"] + splits["val"], seed)
     tokenizer.save_pretrained(directory / "model")
     model.save_pretrained(directory / "model")
     for split, pairs in splits.items():
@@ -239,6 +249,6 @@ def _write_build(directory: Path, seed: int) -> None:
 def _corpus(pairs: list[tuple[int, int]]) -> list[str]:
     """Text the tokenizer is trained on: every question and its boxed response, in the chat layout."""
     return [
-        f"{BOS_TOKEN}user\n{question(a, b)}{EOS_TOKEN}\n{BOS_TOKEN}assistant\n{answer(a, b)}{EOS_TOKEN}\n"
+        f"{TURN_START}user\n{question(a, b)}{TURN_END}\n{TURN_START}assistant\n{answer(a, b)}{TURN_END}\n"
         for a, b in pairs
     ]
