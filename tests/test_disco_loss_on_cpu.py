@@ -183,3 +183,31 @@ def test_metric_keys_are_identical_on_every_call(configs):
         assert torch.isfinite(loss) and all(np.isfinite(list(metrics.values())))
         keys.add(tuple(sorted(metrics)))
     assert len(keys) == 1
+
+
+def test_bf16_log_probs_keep_codes_exact_and_match_the_reference(configs):
+    """A bf16 actor: codes such as 5*1024+3 are not representable in bf16, so they must not pass through it."""
+    actor_cfg, cfg = configs["disco", "logL"]
+    batch = random_batch(np.random.default_rng(8), num_questions=12, group_sizes=(3, 5, 7))
+    advantages = estimator_codes(batch, cfg.algorithm)
+    bf16 = Batch(
+        batch.log_prob.detach().to(torch.bfloat16).requires_grad_(True),
+        batch.old_log_prob.to(torch.bfloat16),
+        batch.response_mask,
+        batch.token_level_rewards,
+        batch.uids,
+    )
+    M = num_real_questions(batch)
+    loss, _ = call_loss(actor_cfg, bf16, advantages.float(), global_batch_size=M * N)
+    upcast = Batch(
+        bf16.log_prob.detach().double().requires_grad_(True),
+        bf16.old_log_prob.double(),
+        batch.response_mask,
+        batch.token_level_rewards,
+        batch.uids,
+    )
+    expected = reference(upcast, actor_cfg, M)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        grad_of(loss, bf16.log_prob).double(), grad_of(expected, upcast.log_prob).to(torch.bfloat16).double()
+    )

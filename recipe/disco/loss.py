@@ -42,13 +42,19 @@ def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _answers_of_call(log_prob, old_log_prob, response_mask, advantages, score_func) -> torch.Tensor:
-    """(rows, 4) = [s, KL token sum, token count, code] for this call, gathered over ranks when distributed."""
+    """(rows, 4) = [s, KL token sum, token count, code] for this call, gathered over ranks when distributed.
+
+    Per-token work runs in at least float32 (a bf16 actor's log-probs are upcast); the per-answer rows are float64,
+    which keeps the integer codes (< 2**24) and token counts exact.
+    """
+    work_dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    log_prob, old_log_prob = log_prob.to(work_dtype), old_log_prob.to(work_dtype)
     rows = torch.stack(
         [
-            obj.sequence_scores(log_prob, old_log_prob, response_mask, score_func),
-            obj.kl_token_sums(log_prob, old_log_prob, response_mask),
-            response_mask.sum(-1).to(log_prob.dtype),
-            advantages[:, 0].to(log_prob.dtype),
+            obj.sequence_scores(log_prob, old_log_prob, response_mask, score_func).double(),
+            obj.kl_token_sums(log_prob, old_log_prob, response_mask).double(),
+            response_mask.sum(-1).double(),
+            advantages[:, 0].double(),
         ],
         dim=1,
     )
