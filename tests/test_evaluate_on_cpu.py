@@ -184,7 +184,7 @@ def test_metrics_of_other_data_sources_and_partial_tables():
 
 def test_missing_samples_count_as_wrong(recorded):
     rows = evaluate.read_jsonl(recorded[0])
-    dropped = [row for row in rows if not (row["data_source"] == "math500" and row["uid"].endswith("_0_0"))]
+    dropped = [row for row in rows if not (row["benchmark"] == "math500" and row["uid"].endswith("_0_0"))]
     table = evaluate.table_from_generations(dropped, n_samples=N)
     patterns = {**PATTERNS, "math500": [[0, *p[1:]] for p in PATTERNS["math500"]]}
     assert table.missing_samples == len(PATTERNS["math500"])
@@ -197,7 +197,7 @@ def test_generations_are_checked(recorded):
     with pytest.raises(ValueError, match="aime24: 2 problems in the generations, expected 30"):
         evaluate.table_from_generations(rows, n_samples=N, expected_problems={"aime24": 30})
     with pytest.raises(ValueError, match="compute_score_with_info"):
-        evaluate.table_from_generations([{k: v for k, v in r.items() if k != "data_source"} for r in rows])
+        evaluate.table_from_generations([{k: v for k, v in r.items() if k != "benchmark"} for r in rows])
     with pytest.raises(ValueError, match="0/1 correctness"):
         evaluate.table_from_generations([{**rows[0], "acc": 0.5}])
     with pytest.raises(ValueError, match="more than n_samples"):

@@ -200,7 +200,7 @@ def test_outcome_flags_in_verl_dict_form(response, outcome, pred):
     assert {key: info[f"answer_{key}"] for key in ("missing", "wrong", "right", "timeout")} == {
         o.value: float(o is outcome) for o in Outcome
     }
-    assert info["pred"] == pred and info["data_source"] == "aime24"
+    assert info["pred"] == pred and info["benchmark"] == "aime24"
 
 
 def test_require_think_false_grades_responses_without_reasoning_tags():
@@ -327,4 +327,4 @@ def test_verl_naive_reward_manager_logs_the_outcome_flags():
     assert result["reward_score"] == 1.0
     extra = result["reward_extra_info"]
     assert extra["acc"] == 1.0 and extra["answer_right"] == 1.0 and extra["answer_timeout"] == 0.0
-    assert extra["data_source"] == "math500"
+    assert extra["benchmark"] == "math500"

@@ -87,15 +87,16 @@ def table_from_generations(
 ) -> EvalTable:
     """The table from verl's saved validation generations (one JSON object per sample).
 
-    Each row needs ``data_source`` (echoed by ``compute_score_with_info``), ``uid`` (``{prompt}_{session}_{index}``)
-    and ``acc`` (or ``score``) in {0, 1}; a session's outputs count once. ``n_samples`` (default: the most samples
-    any problem has) is the number of samples per problem; fewer samples count the missing ones as wrong, as
-    verl's own ``acc`` metric does. ``expected_problems`` (data_source -> count) fails on a benchmark whose
-    number of problems differs (a dropped prompt makes pass@1 incomparable).
+    Each row needs ``benchmark`` (the data_source echoed by ``compute_score_with_info``), ``uid``
+    (``{prompt}_{session}_{index}``) and ``acc`` (or ``score``) in {0, 1}; a session's outputs count once.
+    ``n_samples`` (default: the most samples any problem has) is the number of samples per problem; fewer
+    samples count the missing ones as wrong, as verl's own ``acc`` metric does. ``expected_problems``
+    (data_source -> count) fails on a benchmark whose number of problems differs (a dropped prompt makes pass@1
+    incomparable).
     """
     correct: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        missing = [key for key in ("data_source", "uid") if key not in row]
+        missing = [key for key in ("benchmark", "uid") if key not in row]
         if missing or ("acc" not in row and "score" not in row):
             raise ValueError(
                 f"a generations row lacks {missing or ['acc/score']} (keys: {sorted(row)}); generate with "
@@ -105,7 +106,7 @@ def table_from_generations(
         if value not in (0.0, 1.0):
             raise ValueError(f"pass@k needs 0/1 correctness, got {value} for uid {row['uid']}")
         prompt, session = _prompt_and_session(str(row["uid"]))
-        correct[str(row["data_source"])][prompt][session] = value
+        correct[str(row["benchmark"])][prompt][session] = value
     if not correct:
         raise ValueError("no generations to tabulate")
     counts = {source: [len(sessions) for sessions in by_prompt.values()] for source, by_prompt in correct.items()}

@@ -21,8 +21,8 @@ outcome ``timeout``, and a worker still busy with it is killed and replaced, nev
 ``compute_score`` returns exactly 1.0 or 0.0. ``compute_score_with_info`` (the function wired into
 ``reward.custom_reward_function``) returns verl's dict form: ``score``, ``acc`` (the same 0/1 value, verl's core
 validation metric), one 0/1 flag per outcome (``answer_missing``, ``answer_wrong``, ``answer_right``,
-``answer_timeout``), ``pred`` (the extracted answer, for verl's majority vote) and ``data_source`` (so saved
-generations can be grouped by benchmark). verl logs the numeric keys per benchmark as
+``answer_timeout``), ``pred`` (the extracted answer, for verl's majority vote) and ``benchmark`` (the
+data_source, so saved generations can be grouped by benchmark). verl logs the numeric keys per benchmark as
 ``val-aux/<data_source>/answer_<outcome>/mean@N``: the rate of each outcome.
 """
 
@@ -178,7 +178,7 @@ def compute_score_with_info(
     for outcome in Outcome:
         info[f"answer_{outcome.value}"] = float(result.outcome is outcome)
     info["pred"] = result.answer
-    info["data_source"] = str(data_source)
+    info["benchmark"] = str(data_source)  # not "data_source": that would collide with the batch column in verl v0
     return info
 
 
