@@ -12,9 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from recipe.disco.cpu.tiny import TinyBuild
+
+ECHO_POLL_S = 0.2  # how often run_trainer(echo=...) reads new log lines
 
 
 def cpu_overrides(
@@ -25,14 +29,16 @@ def cpu_overrides(
     prompts_per_step: int = 4,
     rollout_n: int = 4,
     lr: float = 3e-4,
+    mini_batches: int = 1,
 ) -> list[str]:
     """Overrides for verl's trainer on CPU with the tiny build; the caller adds the algorithm's own.
 
     ``n_gpus`` simulated data-parallel ranks (logical Ray GPUs, gloo), all ranks sharing one ``hf`` rollout
-    server; one mini-batch (one optimizer step) per training step, one micro-batch per rank; the v1 trainer's
-    replay buffer polls every 0.05 s instead of 2 s (``recipe.disco.cpu.sampler``).
+    server; ``mini_batches`` mini-batches (optimizer steps) per training step, one micro-batch per rank and
+    mini-batch; the v1 trainer's replay buffer polls every 0.05 s instead of 2 s (``recipe.disco.cpu.sampler``).
     """
-    answers_per_rank = prompts_per_step * rollout_n // n_gpus
+    prompts_per_mini_batch = prompts_per_step // mini_batches
+    answers_per_rank = prompts_per_mini_batch * rollout_n // n_gpus
     return [
         f"data.train_files={build.train_file}",
         f"data.val_files={build.val_file}",
@@ -44,7 +50,7 @@ def cpu_overrides(
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "actor_rollout_ref.model.use_remove_padding=False",
         "actor_rollout_ref.actor.strategy=fsdp2",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts_per_step}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts_per_mini_batch}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={answers_per_rank}",
         "actor_rollout_ref.actor.use_kl_loss=False",
         "actor_rollout_ref.actor.use_torch_compile=False",
@@ -76,12 +82,19 @@ def cpu_overrides(
     ]
 
 
-def run_trainer(module: str, overrides: list[str], workdir: Path, timeout_s: float = 600) -> list[dict]:
+def run_trainer(
+    module: str,
+    overrides: list[str],
+    workdir: Path,
+    timeout_s: float = 600,
+    echo: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Run ``python -m module overrides`` from ``workdir`` with the CPU backend on; return the metric records.
 
     ``workdir`` must not hold modules named like the plugin's (Ray puts the driver's directory on the workers'
     path). Each record is ``{"step": int, "data": {metric: value}}``, one per training step. The output goes to
-    ``workdir/trainer.log``; a failure or timeout raises with its tail.
+    ``workdir/trainer.log``, and while the run lasts each of its lines to ``echo`` if given; a failure or timeout
+    raises with its tail.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_file, log_file = workdir / "metrics.jsonl", workdir / "trainer.log"
@@ -97,14 +110,37 @@ def run_trainer(module: str, overrides: list[str], workdir: Path, timeout_s: flo
             start_new_session=True,  # so that a timeout can end Ray's processes with the driver
         )
         try:
-            returncode = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+            returncode = _wait(process, log_file, timeout_s, echo)
+        except BaseException as error:  # a timeout, or an interrupt or error in echo: end Ray with the driver
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            raise AssertionError(f"{module} ran past {timeout_s} s; log tail:\n{_tail(log_file)}") from None
+            if isinstance(error, subprocess.TimeoutExpired):
+                raise AssertionError(f"{module} ran past {timeout_s} s; log tail:\n{_tail(log_file)}") from None
+            raise
     if returncode != 0:
         raise AssertionError(f"{module} exited with {returncode}; log tail:\n{_tail(log_file)}")
     return [json.loads(line) for line in metrics_file.read_text().splitlines()]
+
+
+def _wait(process: subprocess.Popen, log_file: Path, timeout_s: float, echo: Callable[[str], None] | None) -> int:
+    """The process's exit status; meanwhile every complete line it writes to ``log_file`` goes to ``echo``."""
+    if echo is None:
+        return process.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    pending = ""
+    with open(log_file, errors="replace") as reader:
+        while True:
+            returncode = process.poll()  # before reading, so that the last read gets everything
+            *lines, pending = (pending + reader.read()).split("\n")
+            for line in lines:
+                echo(line)
+            if returncode is not None:
+                if pending:
+                    echo(pending)
+                return returncode
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(process.args, timeout_s)
+            time.sleep(ECHO_POLL_S)
 
 
 def _tail(path: Path, lines: int = 60) -> str:
