@@ -10,8 +10,8 @@ import torch
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 import recipe.disco.plugin  # noqa: F401  (the real registration, done first)
-from recipe.disco.config import DISCO
 from recipe.disco.loss import compute_policy_loss_disco
+from recipe.disco.objective import DISCO
 
 FLIPPED_METRIC = "actor/flipped_loss"
 

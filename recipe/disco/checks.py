@@ -12,8 +12,8 @@ import verl
 from omegaconf import DictConfig
 from verl.trainer.distillation import is_distillation_enabled
 
-from recipe.disco.config import DISCO
 from recipe.disco.grouping import MICRO_BATCH_KEY, UpdateShape
+from recipe.disco.objective import DISCO
 
 SUPPORTED_VERL = "0.9.1"
 ACTOR = "actor_rollout_ref.actor"

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from verl.workers.config import PolicyLossConfig
 
-from recipe.disco.objective import OBJECTIVES, SCORE_FUNCS
-
-DISCO = "disco"
+from recipe.disco.objective import DISCO, OBJECTIVES, SCORE_FUNCS
 
 
 @dataclass

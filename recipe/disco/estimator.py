@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from recipe.disco.config import DISCO
+from recipe.disco.objective import DISCO
 
 GROUP_STRIDE = 1024  # n_g < GROUP_STRIDE; g < 2**24 / GROUP_STRIDE keeps codes exact in float32
 MAX_QUESTIONS = 2**24 // GROUP_STRIDE - 1

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from recipe.disco import objective as obj
-from recipe.disco.config import DISCO
 from recipe.disco.estimator import decode_answers
 
 METRIC_PREFIX = "actor/disco/"
@@ -115,7 +114,7 @@ def _metrics(terms: obj.QuestionTerms, s, group, positive, num_groups: int, delt
         }
 
 
-@register_policy_loss(DISCO)
+@register_policy_loss(obj.DISCO)
 def compute_policy_loss_disco(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -38,8 +38,9 @@ import torch
 
 ScoreFunc = Literal["logL", "Lratio"]
 Objective = Literal["disco", "disco-b"]
+DISCO = "disco"  # the name of the registered loss and estimator, and of the L2 objective
 SCORE_FUNCS: tuple[str, ...] = ("logL", "Lratio")
-OBJECTIVES: tuple[str, ...] = ("disco", "disco-b")
+OBJECTIVES: tuple[str, ...] = (DISCO, "disco-b")
 
 
 def sequence_scores(
