@@ -2,7 +2,7 @@
 # DisCO on DeepSeek-R1-Distill-Qwen-7B, the paper's 7B run (DisCO, L-ratio score, tau=1, lr 1e-6, published
 # curves stop at step 1000). Assumes one node with 8 GPUs of 80 GB (A100/H100): FSDP actor with gradient
 # checkpointing, vLLM rollout with TP=1, 4 answers per GPU per micro-batch. For more memory headroom or speed,
-# use several nodes: start a Ray cluster and set RAY_ADDRESS and NNODES (see docs/README-training.md).
+# use several nodes: start a Ray cluster and set RAY_ADDRESS and NNODES (see "Run on several nodes" in README.md).
 # Every setting is an environment variable (see run_disco.sh); extra Hydra overrides are passed through:
 #   SCORE_FUNC=logL bash recipe/disco/run_disco_7b.sh       # tau follows SCORE_FUNC (10) unless TAU is set
 #   DRY_RUN=1 bash recipe/disco/run_disco_7b.sh             # validate and print the config, start nothing
