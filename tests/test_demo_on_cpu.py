@@ -34,6 +34,8 @@ RISE = 0.15  # DisCO: mean reward of the last 3 steps >= reward of step 1 (the u
 FLIPPED_SLACK = 0.05  # flipped sign: mean reward of the last 3 steps <= reward of step 1 + FLIPPED_SLACK
 ALL_PANELS = ["reward", "entropy", "response_length", "kl", "constraint_active", "score_margin", "val_accuracy"]
 POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
+# tests/flipped_disco_loss.py logs this; importing that module here would re-register "disco" flipped in pytest
+FLIPPED_METRIC = "actor/flipped_loss"
 # what each compared method changes against the DisCO run; everything else (data, seeds, budget) must be equal
 METHOD_KEYS = {
     "grpo": {"algorithm.adv_estimator": "grpo", f"{POLICY_LOSS}.loss_mode": "vanilla"},
@@ -43,10 +45,6 @@ METHOD_KEYS = {
 
 
 # --- the methods (composed by Hydra, checked as their entry points check them; no run) -----------------------
-
-
-# tests/flipped_disco_loss.py logs this; importing that module here would re-register "disco" flipped in pytest
-FLIPPED_METRIC = "actor/flipped_loss"
 
 
 def composed(name: str, *extra: str):
