@@ -157,6 +157,11 @@ def test_disco_with_its_sign_flipped_does_not(flipped_run):
     assert all(r["data"][FLIPPED_METRIC] == 1.0 for r in steps)  # the workers trained with the flipped loss
 
 
+def assert_rounded(cell: str, value: float, digits: int) -> None:
+    """The cell shows `value` rounded to `digits` decimals (a tie such as 0.4375 may round either way)."""
+    assert abs(float(cell) - value) <= 0.5 * 10**-digits + 1e-12, (cell, value)
+
+
 def test_summary_table_holds_the_logged_values(demo_run):
     out, stdout = demo_run
     reward = rewards(out)
@@ -169,11 +174,11 @@ def test_summary_table_holds_the_logged_values(demo_run):
     row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| DisCO"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[0] == demo.METHODS["disco"].label
-    assert float(cells[1]) == pytest.approx(reward[:5].mean(), abs=5e-4)
-    assert float(cells[2]) == pytest.approx(reward[-5:].mean(), abs=5e-4)
+    assert_rounded(cells[1], reward[:5].mean(), digits=3)
+    assert_rounded(cells[2], reward[-5:].mean(), digits=3)
     assert cells[3] == (str(reached) if reached else f"not within {STEPS}")
-    assert float(cells[4]) == pytest.approx(entropy[-5:].mean(), abs=5e-4)
-    assert float(cells[5]) == pytest.approx(val[-1], abs=5e-3)
+    assert_rounded(cells[4], entropy[-5:].mean(), digits=3)
+    assert_rounded(cells[5], val[-1], digits=2)
     assert row in stdout  # printed as well
 
 
