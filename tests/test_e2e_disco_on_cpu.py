@@ -27,7 +27,7 @@ import pytest
 from e2e_utils import cached_tiny_build, cpu_overrides, run_trainer
 
 from recipe.disco.cpu.tiny import DATA_SOURCE
-from recipe.disco.reward import compute_score
+from recipe.disco.reward import compute_score_with_info
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "disco" / "config"
 N_GPUS, PROMPTS, MINI_BATCH_PROMPTS, ROLLOUT_N, MICRO_PER_GPU = 2, 4, 2, 4, 2
@@ -40,6 +40,7 @@ TIMEOUT_S = 300  # per launch; about 45-85 s each on a 2-core machine
 POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 PAPER_TAU = {"logL": 10.0, "Lratio": 1.0}
 KINDS = ("mixed", "all_correct", "all_wrong")
+OUTCOMES = ("missing", "wrong", "right", "timeout")
 # the metrics README.md documents: per loss call (actor/disco/*) and per step from the driver (disco/*)
 LOSS_METRICS = [
     f"actor/disco/{name}"
@@ -60,8 +61,8 @@ STEP_METRICS = [
     "disco/accuracy",
     "disco/truncation_rate",
     *(f"disco/correct_per_question/{k}" for k in range(ROLLOUT_N + 1)),
+    *(f"disco/answer_{outcome}" for outcome in OUTCOMES),
 ]
-OUTCOMES = ("missing", "wrong", "right", "timeout")
 QUESTION = re.compile(r"What is (\d+)\+(\d+)\?")
 
 
@@ -212,18 +213,22 @@ def test_main_disco_sees_whole_groups_with_micro_batches_smaller_than_n(first_ru
 
 
 def test_reward_loop_uses_the_project_reward(first_run):
-    """Training: every dumped answer's score is the project's reward of its text. Validation (same reward loop):
+    """Training: every dumped answer's score is the project's reward of its text, and the step's logged outcome
+    rates are those of the answers. Validation (same reward loop):
     the outcome flags that only ``compute_score_with_info`` returns are logged, one outcome per answer."""
     records, rollout_dir = first_run["records"], first_run["rollout_dir"]
     for record in records:
         rows = rollouts(rollout_dir, record["step"])
         assert len(rows) == PROMPTS * ROLLOUT_N
-        for row in rows:
-            expected = compute_score(DATA_SOURCE, row["output"], row["gts"], require_think=False)
-            assert row["score"] == expected, row
+        infos = [compute_score_with_info(DATA_SOURCE, row["output"], row["gts"], require_think=False) for row in rows]
+        for row, info in zip(rows, infos):
+            assert row["score"] == info["score"], row
         mean_score = sum(row["score"] for row in rows) / len(rows)
         assert record["data"]["critic/score/mean"] == pytest.approx(mean_score)
         assert record["data"]["disco/accuracy"] == pytest.approx(mean_score)
+        for outcome in OUTCOMES:  # the outcome rates of the step's answers, logged by the trainer
+            expected = sum(info[f"answer_{outcome}"] for info in infos) / len(infos)
+            assert record["data"][f"disco/answer_{outcome}"] == pytest.approx(expected), outcome
     validation = records[-1]["data"]
     rates = {outcome: validation[f"val-aux/{DATA_SOURCE}/answer_{outcome}/mean@1"] for outcome in OUTCOMES}
     assert sum(rates.values()) == pytest.approx(1.0), rates

@@ -42,7 +42,7 @@ from recipe.disco.grouping import (
     rank_partitions,
     whole_group_order,
 )
-from recipe.disco.trainer import DisCOTrainer, question_metrics, step_metrics
+from recipe.disco.trainer import DisCOTrainer, outcome_rates, question_metrics, step_metrics
 
 N = 8  # rollout.n
 PROMPTS = 16  # prompts per step
@@ -54,6 +54,14 @@ LAYOUTS = [(1, 8), (1, 32), (2, 4), (2, 16), (4, 2), (4, 8), (8, 1), (8, 4)]
 
 
 # ------------------------------------------------------------------ step batch, as the v1 trainer builds it
+
+
+OUTCOME_FLAGS = ("answer_missing", "answer_wrong", "answer_right", "answer_timeout")
+
+
+def outcome_flag(reward: float, session: int) -> str:
+    """The reward outcome recorded for an answer: right if rewarded, else missing, wrong or timeout by session."""
+    return "answer_right" if reward == 1.0 else ("answer_missing", "answer_wrong", "answer_timeout")[session % 3]
 
 
 def agent_loop_rows(rng: np.random.Generator) -> tuple[list[str], list[dict], list[dict], dict[str, float]]:
@@ -70,14 +78,16 @@ def agent_loop_rows(rng: np.random.Generator) -> tuple[list[str], list[dict], li
         failed = int(rng.integers(1, 4)) if q % 5 == 1 else 0
         for session in range(N - failed):
             length = int(min(MAX_RESPONSE, 1 + rng.pareto(1.2) * 4))
+            reward = float(rng.random() < p_correct)
+            reward_info = {flag: float(flag == outcome_flag(reward, session)) for flag in OUTCOME_FLAGS}
             output = AgentLoopOutput(
                 prompt_ids=prompt,
                 response_ids=rng.integers(3, 200, size=length).tolist(),
                 response_mask=[1] * length,
-                reward_score=float(rng.random() < p_correct),
+                reward_score=reward,
                 num_turns=2,
                 metrics=AgentLoopMetrics(),
-                extra_fields={"min_global_steps": 1, "max_global_steps": 1},
+                extra_fields={"min_global_steps": 1, "max_global_steps": 1, "reward_extra_info": reward_info},
             )
             field = output.as_dict()
             field.update(uid=uid, session_id=session, global_steps=1, data_source="test")
@@ -289,6 +299,21 @@ def test_step_metrics_count_from_transfer_queue(transfer_queue):
     for k in range(N + 1):
         assert metrics[f"disco/correct_per_question/{k}"] == sum(c == k for c in correct.values())
     assert 0 < metrics["disco/truncation_rate"] == np.mean(np.array(lengths) == MAX_RESPONSE)
+    recorded = [outcome_flag(reward, int(key.split("_")[1])) for key, reward in rewards.items()]
+    for flag in OUTCOME_FLAGS:
+        assert 0 < metrics[f"disco/{flag}"] == pytest.approx(recorded.count(flag) / len(recorded)), flag
+
+
+def test_outcome_rates_need_the_project_rewards_flags():
+    right, timeout = ({flag: float(flag == chosen) for flag in OUTCOME_FLAGS} for chosen in OUTCOME_FLAGS[2:])
+    assert outcome_rates([right, right, right, timeout]) == {
+        "disco/answer_missing": 0.0,
+        "disco/answer_wrong": 0.0,
+        "disco/answer_right": 0.75,
+        "disco/answer_timeout": 0.25,
+    }
+    assert outcome_rates([right, {"acc": 1.0}]) == {}  # another reward function: no rates rather than wrong ones
+    assert outcome_rates([]) == {}
 
 
 def test_question_metrics_by_hand():

@@ -63,6 +63,11 @@ class Outcome(enum.Enum):
     RIGHT = "right"
     TIMEOUT = "timeout"
 
+    @property
+    def flag(self) -> str:
+        """The reward extra-info key of this outcome's 0/1 flag."""
+        return f"answer_{self.value}"
+
 
 @dataclass(frozen=True)
 class Grade:
@@ -176,7 +181,7 @@ def compute_score_with_info(
     result = grade(solution_str, ground_truth, timeout_s, require_think)
     info: dict[str, float | str] = {"score": result.score, "acc": result.score}
     for outcome in Outcome:
-        info[f"answer_{outcome.value}"] = float(result.outcome is outcome)
+        info[outcome.flag] = float(result.outcome is outcome)
     info["pred"] = result.answer
     info["benchmark"] = str(data_source)  # not "data_source": that would collide with the batch column in verl v0
     return info

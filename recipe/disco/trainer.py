@@ -8,7 +8,8 @@
   (``upsample_batch_to_divisible_size``) and reordered by :func:`recipe.disco.grouping.whole_group_order`, so
   that every global micro-batch of the update holds whole groups while tokens stay balanced over ranks. It logs
   verl's usual ``global_seqlen/*`` balance metrics.
-* ``_compute_metrics``, which adds ``disco/*`` question counts and the truncation rate to verl's metrics
+* ``_compute_metrics``, which adds ``disco/*`` question counts, reward outcome rates and the truncation rate to
+  verl's metrics
   (:func:`step_metrics`).
 
 :class:`DisCOTaskRunner` is the Ray task runner that builds this trainer (verl's ``TaskRunnerV1`` picks its
@@ -18,7 +19,8 @@ trainer from a registry whose ``sync`` entry cannot be replaced).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import transfer_queue as tq
@@ -32,6 +34,7 @@ from verl.utils.seqlen_balancing import log_seqlen_unbalance
 
 from recipe.disco.checks import actor_dp_size, update_shape
 from recipe.disco.grouping import UpdateShape, padded_rows, rank_partitions, uid_of_key, whole_group_order
+from recipe.disco.reward import Outcome
 
 METRIC_PREFIX = "disco/"
 
@@ -83,8 +86,23 @@ def question_metrics(uids: Sequence[str], rewards: Sequence[float], rollout_n: i
     return {key: float(value) for key, value in metrics.items()}
 
 
+def _as_list(non_tensor: Any) -> list:
+    """A non-tensor TransferQueue field as a list: a ``NonTensorStack`` (``tolist``) or a plain sequence."""
+    return non_tensor.tolist() if hasattr(non_tensor, "tolist") else list(non_tensor)
+
+
+def outcome_rates(reward_infos: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """``disco/answer_{missing,wrong,right,timeout}``: the fraction of answers with each reward outcome, from the flags
+    :func:`recipe.disco.reward.compute_score_with_info` records. Empty when the reward function records none."""
+    flags = [outcome.flag for outcome in Outcome]
+    if not reward_infos or any(flag not in info for info in reward_infos for flag in flags):
+        return {}
+    return {METRIC_PREFIX + flag: sum(float(info[flag]) for info in reward_infos) / len(reward_infos) for flag in flags}
+
+
 def step_metrics(batch: KVBatchMeta, rollout_n: int, max_response_length: int) -> dict[str, float]:
-    """:func:`question_metrics` of a step batch held in TransferQueue, plus ``disco/truncation_rate``.
+    """:func:`question_metrics` and :func:`outcome_rates` of a step batch held in TransferQueue, plus
+    ``disco/truncation_rate``.
 
     The truncation rate is the fraction of answers that reached ``data.max_response_length`` tokens (verl's
     ``response_length/clip_ratio`` compares with the longest answer of the step instead, so in the v1 trainer it is
@@ -92,9 +110,10 @@ def step_metrics(batch: KVBatchMeta, rollout_n: int, max_response_length: int) -
     """
     real = [(key, tag) for key, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
     keys = [key for key, _ in real]
-    scores = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["rm_scores"])["rm_scores"]
-    rewards = torch.stack([row.sum() for row in scores.unbind()]).tolist()
+    data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["rm_scores", "extra_fields"])
+    rewards = torch.stack([row.sum() for row in data["rm_scores"].unbind()]).tolist()
     metrics = question_metrics([uid_of_key(key) for key in keys], rewards, rollout_n)
+    metrics.update(outcome_rates([fields.get("reward_extra_info", {}) for fields in _as_list(data["extra_fields"])]))
     truncated = sum(tag["response_len"] >= max_response_length for _, tag in real)
     metrics[METRIC_PREFIX + "truncation_rate"] = truncated / max(len(real), 1)
     return metrics
