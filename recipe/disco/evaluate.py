@@ -71,6 +71,11 @@ class EvalTable:
         values = [self.pass_at[k].get(name) for name in COLUMNS.values()]
         return None if None in values else sum(values) / len(values)
 
+    def cells(self, k: int) -> list[float | None]:
+        """pass@k in :attr:`columns` order, Avg included; None where a benchmark is absent."""
+        values = {**self.pass_at[k], AVERAGE: self.average(k)}
+        return [values.get(column) for column in self.columns]
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one problem with ``c`` correct samples out of ``n``: 1 - C(n-c, k) / C(n, k)."""
@@ -166,7 +171,7 @@ def to_markdown(table: EvalTable) -> str:
         "",
         header.format("Model"),
         rule,
-        _markdown_row(table, table.label or "this model", 1, columns),
+        _markdown_row(table, table.label or "this model", 1),
     ]
     if len(table.pass_at) > 1:
         lines += [
@@ -175,7 +180,7 @@ def to_markdown(table: EvalTable) -> str:
             "",
             header.format("k"),
             rule,
-            *(_markdown_row(table, str(k), k, columns) for k in table.pass_at),
+            *(_markdown_row(table, str(k), k) for k in table.pass_at),
         ]
     if table.problems:
         lines += ["", "Problems: " + ", ".join(f"{column} {count}" for column, count in table.problems.items()) + "."]
@@ -185,13 +190,11 @@ def to_markdown(table: EvalTable) -> str:
 
 
 def to_csv(table: EvalTable) -> str:
-    columns = table.columns
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["metric", *columns])
-    for k, values in table.pass_at.items():
-        cells = {**values, AVERAGE: table.average(k)}
-        writer.writerow([f"pass@{k}", *("" if cells.get(c) is None else f"{cells[c]:.6f}" for c in columns)])
+    writer.writerow(["metric", *table.columns])
+    for k in table.pass_at:
+        writer.writerow([f"pass@{k}", *("" if value is None else f"{value:.6f}" for value in table.cells(k))])
     return buffer.getvalue()
 
 
@@ -349,9 +352,8 @@ def _largest(counts: Mapping[str, list[int]]) -> dict[str, int]:
     return {source: max(values) for source, values in counts.items()}
 
 
-def _markdown_row(table: EvalTable, label: str, k: int, columns: Sequence[str]) -> str:
-    cells = {**table.pass_at[k], AVERAGE: table.average(k)}
-    return f"| {label} | " + " | ".join("–" if cells.get(c) is None else f"{cells[c]:.3f}" for c in columns) + " |"
+def _markdown_row(table: EvalTable, label: str, k: int) -> str:
+    return f"| {label} | " + " | ".join("–" if value is None else f"{value:.3f}" for value in table.cells(k)) + " |"
 
 
 def _quoted(path: Any) -> str:

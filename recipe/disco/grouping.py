@@ -105,24 +105,28 @@ def pack_questions(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _rows_for(num_bins: int, num_rows: int, shape: UpdateShape) -> int:
+    """Rows of the fewest whole mini-batches that hold ``num_bins`` bins and ``num_rows`` rows."""
+    mini_batches = max(math.ceil(num_bins / shape.bins_per_mini_batch), math.ceil(num_rows / shape.mini_batch_rows))
+    return max(mini_batches, 1) * shape.mini_batch_rows
+
+
 def padded_rows(uids: Sequence[str], is_padding: Sequence[bool], shape: UpdateShape) -> int:
     """Rows the batch must have (padding included) for :func:`whole_group_order`: whole mini-batches, all bins."""
     sizes = [len(rows) for rows in question_rows(uids, is_padding)]
-    num_bins = len(pack_questions(sizes, shape.bin_rows))
-    mini_batches = max(math.ceil(num_bins / shape.bins_per_mini_batch), math.ceil(len(uids) / shape.mini_batch_rows))
-    return max(mini_batches, 1) * shape.mini_batch_rows
+    return _rows_for(len(pack_questions(sizes, shape.bin_rows)), len(uids), shape)
 
 
 def _filled_bins(uids: Sequence[str], is_padding: Sequence[bool], shape: UpdateShape) -> list[list[int]]:
     """Rows of each global micro-batch in dispatch order: questions packed, dealt over mini-batches, padded."""
-    num_rows, needed = len(uids), padded_rows(uids, is_padding, shape)
+    questions = question_rows(uids, is_padding)
+    packed = pack_questions([len(rows) for rows in questions], shape.bin_rows)
+    num_rows, needed = len(uids), _rows_for(len(packed), len(uids), shape)
     if num_rows % shape.mini_batch_rows or num_rows < needed:
         raise ValueError(
             f"a batch of {num_rows} rows cannot be laid out in whole groups; pad it to {needed} rows first "
             "(verl.trainer.ppo.padding_utils.upsample_batch_to_divisible_size)"
         )
-    questions = question_rows(uids, is_padding)
-    packed = pack_questions([len(rows) for rows in questions], shape.bin_rows)
     num_mini_batches = num_rows // shape.mini_batch_rows
     bins: list[list[int]] = [[] for _ in range(num_rows // shape.bin_rows)]
     for i, members in enumerate(packed):

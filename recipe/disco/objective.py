@@ -116,6 +116,13 @@ class QuestionTerms:
         return (self.num_pos > 0) & (self.num_neg > 0)
 
 
+def answer_counts(
+    positive: torch.Tensor, group: torch.Tensor, num_groups: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|P_q| and |N_q|: the numbers of positive and negative answers of every question."""
+    return group_sum(positive.to(dtype), group, num_groups), group_sum((~positive).to(dtype), group, num_groups)
+
+
 def question_objective(
     s: torch.Tensor, group: torch.Tensor, positive: torch.Tensor, num_groups: int, objective: Objective, tau: float
 ) -> torch.Tensor:
@@ -132,8 +139,7 @@ def question_objective(
         neg_term = neg_log_mean_exp(s, negative, group, num_groups, tau)
     else:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    num_pos = group_sum(positive.to(s.dtype), group, num_groups)
-    num_neg = group_sum(negative.to(s.dtype), group, num_groups)
+    num_pos, num_neg = answer_counts(positive, group, num_groups, s.dtype)
     mixed = (num_pos > 0) & (num_neg > 0)
     return torch.where(mixed, pos_mean - neg_term, torch.zeros_like(pos_mean))
 
@@ -159,13 +165,8 @@ def question_terms(
     J = question_objective(s, group, positive, num_groups, objective, tau)
     tokens = group_sum(num_tokens.to(kl_sum.dtype), group, num_groups)
     kl = group_sum(kl_sum, group, num_groups) / tokens.clamp(min=1)
-    return QuestionTerms(
-        J=J,
-        kl=kl,
-        penalty=squared_hinge_penalty(kl, delta, beta),
-        num_pos=group_sum(positive.to(s.dtype), group, num_groups),
-        num_neg=group_sum((~positive).to(s.dtype), group, num_groups),
-    )
+    num_pos, num_neg = answer_counts(positive, group, num_groups, s.dtype)
+    return QuestionTerms(J=J, kl=kl, penalty=squared_hinge_penalty(kl, delta, beta), num_pos=num_pos, num_neg=num_neg)
 
 
 def step_objective_sum(terms: QuestionTerms) -> torch.Tensor:

@@ -5,7 +5,8 @@ cluster unless asked. ``recipe.disco.plugin`` (the ``verl.plugins`` entry point,
 every process) calls ``maybe_activate``. Set the variable before Ray starts: the processes of a local Ray cluster
 inherit the driver's environment; for an existing cluster pass it in ``ray_kwargs.ray_init.runtime_env.env_vars``.
 
-Running verl's trainer on CPU also needs these overrides (``tests/e2e_utils.py`` builds the full list):
+Running verl's trainer on CPU also needs these overrides (``recipe.disco.cpu.launch.cpu_overrides`` builds the
+full list):
 ``actor_rollout_ref.rollout.name=hf``, ``actor_rollout_ref.actor.strategy=fsdp2``,
 ``+actor_rollout_ref.model.override_config.attn_implementation=sdpa``, ``trainer.device=cpu``,
 ``+ray_kwargs.ray_init.num_gpus=<n_gpus_per_node>`` (logical GPUs) and ``ray_kwargs.ray_init.num_cpus=16``
