@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import sys
 
+# the rollout check
+RESPONSE_LENGTH = 12
+TEMPERATURE = 0.7
+SAMPLES_PER_PROMPT = 8
+LOG_PROB_ATOL = 1e-4  # float32 rounding: the server's left-padded, batched, cached forward vs an unpadded one
+
 
 def activated() -> None:
     """With DISCO_CPU_BACKEND=1, ``import verl`` selects the CPU platform, the gloo group and the hf rollout."""
@@ -89,8 +95,12 @@ def rollout(model_dir: str) -> None:
 
 
 async def _rollout_checks(model_dir: str) -> None:
+    """Each check holds and decides whatever tokens the server samples: sampled tokens are only compared with a
+    teacher-forced forward of the same tokens, and the weight update sent has an exact effect (the final norm's
+    weight set to zero makes every logit 0, so every next-token distribution is uniform)."""
     import asyncio
     import copy
+    import math
     import os
 
     import torch
@@ -101,7 +111,6 @@ async def _rollout_checks(model_dir: str) -> None:
     from verl.workers.rollout.base import get_rollout_class
     from verl.workers.rollout.replica import RolloutMode, RolloutReplicaRegistry
 
-    response_length = 12
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
         config = compose(
             "ppo_trainer",
@@ -109,7 +118,7 @@ async def _rollout_checks(model_dir: str) -> None:
                 f"actor_rollout_ref.model.path={model_dir}",
                 "actor_rollout_ref.rollout.name=hf",
                 "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
-                f"data.max_response_length={response_length}",
+                f"data.max_response_length={RESPONSE_LENGTH}",
             ],
         )
     replica = RolloutReplicaRegistry.get("hf")(
@@ -120,6 +129,7 @@ async def _rollout_checks(model_dir: str) -> None:
     server = replica.server_handle
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos_id = tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
     questions = ["What is 3+5?", "What is 12+345?", "Hi"]  # different prompt lengths: left padding in a batch
     prompts = [
@@ -127,8 +137,11 @@ async def _rollout_checks(model_dir: str) -> None:
         for q in questions
     ]
     assert len({len(p) for p in prompts}) == len(prompts)
+    for prompt in prompts:
+        _check_first_step_tells_apart(model, prompt)
 
     async def generate(params: dict, n: int = 1) -> list:
+        """n concurrent requests per prompt (the server batches them); the outputs grouped by prompt."""
         requests = [
             server.generate.remote(prompt_ids=p, sampling_params=dict(params), request_id=f"{i}")
             for p in prompts
@@ -136,52 +149,58 @@ async def _rollout_checks(model_dir: str) -> None:
         ]
         return await asyncio.gather(*requests)
 
-    # sampling at temperature 0.7, 8 concurrent requests per prompt
-    sampled = await generate(
-        {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}, n=8
-    )
-    for index, output in enumerate(sampled):
-        prompt = prompts[index // 8]
-        _check_output(output, tokenizer.eos_token_id, response_length, version=0)
-        expected = _reference_log_probs(model, prompt, output.token_ids, temperature=0.7)
-        assert torch.allclose(torch.tensor(output.log_probs), expected, atol=1e-4), (output.log_probs, expected)
-    assert len({tuple(o.token_ids) for o in sampled[:8]}) > 1, "8 samples at temperature 0.7 were all identical"
+    sampling = {"temperature": TEMPERATURE, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+    greedy_params = {"temperature": 0.0, "top_p": 1.0, "top_k": -1}
+    repeated = [prompt for prompt in prompts for _ in range(SAMPLES_PER_PROMPT)]
 
-    # greedy (temperature 0) equals Hugging Face greedy decoding of each prompt alone
-    greedy = await generate({"temperature": 0.0, "top_p": 1.0, "top_k": -1})
-    for prompt, output in zip(prompts, greedy, strict=True):
-        assert output.token_ids == _reference_greedy(model, tokenizer, prompt, response_length), output.token_ids
+    # sampling: the reported log-probs are the tempered distribution's at the sampled tokens
+    for prompt, output in zip(repeated, await generate(sampling, n=SAMPLES_PER_PROMPT), strict=True):
+        _check_output(output, eos_id, version=0)
+        expected, _ = _response_steps(model, prompt, output.token_ids, TEMPERATURE)
+        assert torch.allclose(torch.tensor(output.log_probs), expected, atol=LOG_PROB_ATOL), (output, expected)
 
-    # top_k=1 samples the argmax with probability 1: the reported log-probs are those of the sampling distribution
+    # greedy (temperature 0) and top_k=1 (the argmax with probability 1: every log-prob is 0) decode greedily
+    greedy = await generate(greedy_params)
     top1 = await generate({"temperature": 1.0, "top_p": 1.0, "top_k": 1})
-    for output, reference in zip(top1, greedy, strict=True):
-        assert output.token_ids == reference.token_ids and max(abs(x) for x in output.log_probs) < 1e-6, output
+    for prompt, greedy_output, top1_output in zip(prompts, greedy, top1, strict=True):
+        for output in (greedy_output, top1_output):
+            _check_output(output, eos_id, version=0)
+            _check_greedy(model, prompt, output.token_ids)
+        assert max(abs(x) for x in top1_output.log_probs) < 1e-6, top1_output
 
-    # a weight update through verl's adapter reaches the server, with its version
+    # a weight update through verl's adapter reaches the server, with its version: under the uniform model every
+    # sampled token has log-prob -log(V) and greedy decoding takes the first of V tied tokens, index 0, every step
     os.environ["RANK"] = "0"
     rollout_config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
     model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model, dataclass_type=HFModelConfig)
     adapter = get_rollout_class("hf", "async")(config=rollout_config, model_config=model_config, device_mesh=None)
-    updated = copy.deepcopy(model)
+    uniform = copy.deepcopy(model)
     with torch.no_grad():
-        generator = torch.Generator().manual_seed(1)
-        for parameter in updated.parameters():
-            parameter.add_(0.2 * parameter.std() * torch.randn(parameter.shape, generator=generator))
-    await adapter.update_weights(iter(updated.state_dict().items()), global_steps=7)
-    after = await generate({"temperature": 0.7, "top_p": 1.0, "top_k": -1})
-    for prompt, output in zip(prompts, after, strict=True):
-        _check_output(output, tokenizer.eos_token_id, response_length, version=7)
-        new = _reference_log_probs(updated, prompt, output.token_ids, temperature=0.7)
-        old = _reference_log_probs(model, prompt, output.token_ids, temperature=0.7)
-        assert torch.allclose(torch.tensor(output.log_probs), new, atol=1e-4), (output.log_probs, new)
-        assert (new - old).abs().max() > 1e-2, "the update did not change the model enough to be detected"
-    greedy_after = await generate({"temperature": 0.0})
-    for prompt, output in zip(prompts, greedy_after, strict=True):
-        assert output.token_ids == _reference_greedy(updated, tokenizer, prompt, response_length)
+        uniform.model.norm.weight.zero_()
+    uniform_log_prob = -math.log(model.config.vocab_size)
+    premise = _next_token_log_probs(uniform, prompts[0], TEMPERATURE)
+    assert torch.allclose(premise, torch.full_like(premise, uniform_log_prob), rtol=0, atol=1e-6), premise
+    await adapter.update_weights(iter(uniform.state_dict().items()), global_steps=7)
+    after = await generate(sampling, n=SAMPLES_PER_PROMPT)
+    for output in after:
+        _check_output(output, eos_id, version=7)
+        assert all(abs(x - uniform_log_prob) < 1e-6 for x in output.log_probs), output
+    for first in range(0, len(after), SAMPLES_PER_PROMPT):
+        samples = {tuple(output.token_ids) for output in after[first : first + SAMPLES_PER_PROMPT]}
+        # independent uniform samples are all equal with probability below V**-7
+        assert len(samples) > 1, f"{SAMPLES_PER_PROMPT} concurrent samples were copies of one: {samples}"
+    for output in await generate(greedy_params):
+        assert output.token_ids == [0] * RESPONSE_LENGTH and output.extra_fields["global_steps"] == 7, output
+
+    # the next update (the original weights, version 8) replaces it
+    await adapter.update_weights(iter(model.state_dict().items()), global_steps=8)
+    for prompt, output in zip(prompts, await generate(greedy_params), strict=True):
+        _check_output(output, eos_id, version=8)
+        _check_greedy(model, prompt, output.token_ids)
 
     # clear errors
-    partial = [(name, tensor) for name, tensor in updated.state_dict().items() if "layers.0.mlp" not in name]
-    await _expect_error(adapter.update_weights(iter(partial), global_steps=8), "missing")
+    partial = [(name, tensor) for name, tensor in model.state_dict().items() if "layers.0.mlp" not in name]
+    await _expect_error(adapter.update_weights(iter(partial), global_steps=9), "missing")
     await _expect_error(server.generate.remote(prompt_ids=prompts[0], sampling_params={"stop": ["x"]}), "'stop'")
     await _expect_error(
         server.generate.remote(prompt_ids=prompts[0], sampling_params={}, image_data=["img"]), "text prompts only"
@@ -189,34 +208,51 @@ async def _rollout_checks(model_dir: str) -> None:
     print("rollout checks passed")
 
 
-def _check_output(output, eos_id: int, response_length: int, version: int) -> None:
+def _check_first_step_tells_apart(model, prompt: list[int]) -> None:
+    """Facts of the fixed weights (no sampling) that make the rollout checks decisive whatever the server samples.
+    At the first response step, for every token: its log-prob at TEMPERATURE differs from its log-prob at
+    temperature 1 (the sampled log-probs show which distribution was sampled) and from -log(V) (they show whether
+    the uniform update arrived); and token 0 is not the most likely (greedy decoding shows it too)."""
+    import math
+
+    tempered = _next_token_log_probs(model, prompt, TEMPERATURE)[-1]
+    raw = _next_token_log_probs(model, prompt, 1.0)[-1]
+    margin = 10 * LOG_PROB_ATOL
+    assert (tempered - raw).abs().min() > margin, "a token's log-prob hardly depends on the temperature"
+    assert (tempered + math.log(len(tempered))).abs().min() > margin, "a token's probability is almost 1/V"
+    assert raw[0] < raw.max() - margin, "token 0 is (almost) the most likely first token"
+
+
+def _check_output(output, eos_id: int, version: int) -> None:
     ids = output.token_ids
-    assert 1 <= len(ids) <= response_length and len(output.log_probs) == len(ids), output
-    assert eos_id not in ids[:-1] and (ids[-1] == eos_id or len(ids) == response_length), ids
+    assert 1 <= len(ids) <= RESPONSE_LENGTH and len(output.log_probs) == len(ids), output
+    assert eos_id not in ids[:-1] and (ids[-1] == eos_id or len(ids) == RESPONSE_LENGTH), ids
     assert output.extra_fields["global_steps"] == version and output.stop_reason == "completed", output
 
 
-def _reference_log_probs(model, prompt: list[int], response: list[int], temperature: float):
+def _check_greedy(model, prompt: list[int], response: list[int]) -> None:
+    """Every response token is the model's most likely next token given the tokens before it, up to float rounding
+    (a near tie may go either way): greedy decoding, checked by teacher forcing."""
+    chosen, best = _response_steps(model, prompt, response, 1.0)
+    assert (chosen >= best - LOG_PROB_ATOL).all(), (response, chosen, best)
+
+
+def _response_steps(model, prompt: list[int], response: list[int], temperature: float):
+    """Teacher forcing: per response token, its log-prob under log_softmax(logits / temperature) and the largest
+    log-prob of that step."""
+    import torch
+
+    steps = _next_token_log_probs(model, prompt + response, temperature)[len(prompt) - 1 : -1]
+    return steps.gather(-1, torch.tensor(response)[:, None])[:, 0], steps.max(-1).values
+
+
+def _next_token_log_probs(model, ids: list[int], temperature: float):
+    """log_softmax(logits / temperature) of the token after each prefix of ``ids``: (len(ids), V)."""
     import torch
 
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
-    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-
-
-def _reference_greedy(model, tokenizer, prompt: list[int], response_length: int) -> list[int]:
-    import torch
-
-    output = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=response_length,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    response = output[0, len(prompt) :].tolist()
-    return response[: response.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in response else response
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits / temperature, dim=-1)
 
 
 async def _expect_error(awaitable, fragment: str) -> None:
