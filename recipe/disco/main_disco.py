@@ -41,6 +41,7 @@ from verl.utils.config import validate_config
 from verl.utils.device import auto_set_device
 
 from recipe.disco.checks import DisCOConfigError, check_config
+from recipe.disco.preflight import enforce_preflight
 
 
 def validate(config: DictConfig) -> None:
@@ -56,6 +57,7 @@ def main(config: DictConfig) -> None:
         validate(config)
     except DisCOConfigError as error:
         sys.exit(str(error))
+    enforce_preflight(config)
     if os.environ.get("DRY_RUN", "0") not in ("", "0"):
         print(OmegaConf.to_yaml(config, resolve=True))
         print("DRY_RUN: configuration valid for DisCO; not starting Ray")

@@ -1,0 +1,612 @@
+"""Preflight: what would fail only after Ray, the models and vLLM are up, found before Ray starts.
+
+``python -m recipe.disco.preflight [hydra overrides]`` composes the config of ``recipe.disco.main_disco`` (same YAML,
+same overrides; the launch scripts' overrides can be copied as they are) and prints one report: the configuration
+checks ``main_disco`` runs, then every item below, each ``ok``, ``PROBLEM`` (with the key, its value and the fix)
+or ``not checked`` (with the reason). The exit status is 1 if anything is a problem.
+
+``main_disco`` runs the same items (:func:`enforce_preflight`) after its configuration checks, also under
+``DRY_RUN=1``, and stops on a problem unless ``DISCO_IGNORE_PREFLIGHT=1``.
+
+Items: the train/val parquet files (exist, readable, DisCO's columns, enough rows for one step); the GPUs this node
+shows against ``trainer.n_gpus_per_node``; the rollout engine and the attention kernel import; wandb credentials
+when ``trainer.logger`` has wandb; free disk for the checkpoints kept; the per-GPU memory estimate
+(:func:`estimate_memory`) against the card. GPU items are ``not checked`` where no GPU is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import math
+import netrc
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+
+from recipe.disco.checks import _ulysses_size
+from recipe.disco.data import SCHEMA
+
+OK, PROBLEM, NOT_CHECKED = "ok", "PROBLEM", "not checked"
+IGNORE_ENV = "DISCO_IGNORE_PREFLIGHT"
+PREPARE_DATA = "bash recipe/disco/prepare_data.sh"
+ROLLOUT = "actor_rollout_ref.rollout"
+ENGINES = ("vllm", "sglang")  # the rollout engines that reserve gpu_memory_utilization of each GPU
+ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
+# verl 0.9.1's default when override_config names none (verl/workers/config/model.py:185)
+DEFAULT_ATTENTION = "flash_attention_2"
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+GIB = 2**30
+# Not in the estimate's terms and not released by sleep mode: the CUDA contexts of the training and the rollout
+# processes, NCCL buffers and vLLM's captured CUDA graphs (verl's rollout.yaml:54-55: they cannot be offloaded).
+# Taken as 4 GiB (typically 0.5 GiB per CUDA context, up to 1-2 GiB of NCCL buffers and graphs); not measured here.
+RUNTIME_OVERHEAD_BYTES = 4 * GIB
+
+
+@dataclass(frozen=True)
+class Check:
+    """One report line: what was checked, ``OK``/``PROBLEM``/``NOT_CHECKED``, and what was found or must change."""
+
+    item: str
+    status: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Gpus:
+    """The GPUs this node shows: how many, and the memory of the first (bytes; 0 when unknown)."""
+
+    count: int
+    memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer (Qwen2/Llama layout: GQA attention with q/k/v biases, SwiGLU MLP, RMSNorm)."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool
+    head_dim: int | None = None
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def layer_params(self) -> int:
+        """q and o (h x h), k and v (h x kv), q/k/v biases, gate/up/down (3 h I), two norms."""
+        h, kv = self.hidden, self.kv_dim
+        return 2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def vocab_params(self) -> int:
+        """Input embedding and output head (one matrix when tied)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.vocab_params + self.hidden  # + final norm
+
+
+# The paper's models, so that the estimate works before the download (their config.json, Qwen2ForCausalLM;
+# parameter counts 1,777,088,000 and 7,615,616,512: the 1.78B and 7.62B the Hub lists).
+PAPER_MODELS = {
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": ModelShape(1536, 28, 8960, 151936, 12, 2, tied=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ModelShape(3584, 28, 18944, 152064, 28, 4, tied=False),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the memory estimate needs from the configuration (see :func:`layout_from_config`)."""
+
+    shard_gpus: int  # GPUs the FSDP states are sharded over
+    update_tokens: int  # tokens per GPU in one micro-batch of the actor update
+    log_prob_tokens: int  # tokens per GPU in one micro-batch of the old-log-prob pass
+    rollout_fraction: float  # gpu_memory_utilization of vLLM/SGLang (0 for another rollout)
+    rollout_sleeps: bool  # the engine frees its weights and KV cache for the actor passes
+    param_offload: bool
+    optimizer_offload: bool
+    cpu_offload_policy: bool  # FSDP2 offload_policy: the sharded states stay in host memory in the update too
+    trains: bool  # False with trainer.val_only
+    optimizer_state: bool  # AdamW moments exist: in training, or loaded from a checkpoint with val_only
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU of each phase, term by term (``phases[phase][term]``)."""
+
+    phases: dict[str, dict[str, int]]
+
+    def total(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.total)
+
+
+# ------------------------------------------------------------------ memory estimate
+
+
+def estimate_memory(shape: ModelShape, layout: Layout, card_bytes: int) -> MemoryEstimate:
+    """Conservative per-GPU memory of the colocated actor (FSDP) and rollout engine, per phase of a training step.
+
+    P = parameters, S = GPUs the FSDP states are sharded over, V = vocabulary, h = hidden size, L = layers,
+    I = MLP size, kv = key/value width, U = P_vocab + 2 P_layer (the FSDP units unsharded at once: verl wraps the
+    embedding and the head as their own units, or keeps them in the root unit (FSDP1), for the whole pass, plus the
+    layer at work and the prefetched one), T = tokens per GPU in one micro-batch
+    (``micro_batch_size_per_gpu x (max_prompt + max_response) / ulysses``, or the per-GPU token budget with
+    dynamic batch size), f = ``gpu_memory_utilization``, C = the card's memory, R = :data:`RUNTIME_OVERHEAD_BYTES`.
+
+    * generation: f C (vLLM/SGLang) + 4P/S (fp32 weights, unless param_offload) + 8P/S (AdamW moments, unless
+      optimizer_offload; with val_only only if a checkpoint loads them) + R. The only phase with val_only.
+      The actor keeps its state on the GPU while the engine generates: verl offloads
+      weights only with param_offload (engine_workers.py:811-812) and the optimizer only with optimizer_offload
+      (engine/base.py:314-327 on leaving train mode).
+    * old_log_prob (no grad): 4P/S + 8P/S (unless optimizer_offload; eval mode loads the weights back even with
+      param_offload) + 2U (bf16 gathered units) + T_lp (2(10h + 2kv + 7I) + 4V) + R.
+    * update: 16P/S (fp32 weights, gradients, two AdamW moments; train mode loads offloaded ones back, so offload
+      does not lower this; only FSDP2 offload_policy keeps them on the host) + 8U (bf16 weights, bf16 gradients and
+      their fp32 copy for the reduce-scatter) + T (2Lh + 2(10h + 2kv + 7I) + 4V) + R.
+    * Activations per token (bf16): 2Lh for the layer inputs gradient checkpointing keeps, 2(10h + 2kv + 7I) for
+      the one layer recomputed in backward (its saved tensors: fp32 norm inputs, norm outputs, q/k/v, attention
+      output, gate/up/SiLU/product of the MLP; and the gradients in flight). Logits 4V per token: verl keeps the
+      bf16 logits and their temperature-scaled copy (fsdp/transformer_impl.py:98-103, 1382-1390), whose storage
+      the flash-attn cross-entropy backward reuses for the gradient.
+    * The rollout engine's f C is not held in the actor passes when it sleeps: with ``free_cache_engine`` (default
+      True, rollout.yaml:61) and ``enable_sleep_mode`` (default True, workers/config/rollout.py:268) verl's sync
+      trainer puts it to sleep after sampling (trainer_sync.py:40-42 -> checkpoint_engine/base.py:467-469 ->
+      vllm_async_server.py:853-860: hybrid mode, sleep level 2 for vLLM >= 0.18, third_party/vllm/__init__.py:46-48,
+      vllm_async_server.py:1289-1317, weights and KV cache discarded; SGLang: async_sglang_server.py:504-518) and
+      wakes it only to sync weights at the end of the step (trainer_sync.py:35-38, engine_workers.py:768-825).
+      Otherwise f C is added to both actor phases.
+    """
+    per_gpu = shape.params / layout.shard_gpus
+    held = 0 if layout.rollout_sleeps else layout.rollout_fraction * card_bytes
+    moments = 8 * per_gpu if layout.optimizer_state and not layout.optimizer_offload else 0
+    gathered = shape.vocab_params + 2 * shape.layer_params
+    layer = 2 * (10 * shape.hidden + 2 * shape.kv_dim + 7 * shape.intermediate)
+    logits = 4 * shape.vocab
+    phases = {
+        "generation": {
+            "rollout engine (gpu_memory_utilization x card)": layout.rollout_fraction * card_bytes,
+            "fp32 weights": 0 if layout.param_offload else 4 * per_gpu,
+            "AdamW moments": moments,
+            "runtime": RUNTIME_OVERHEAD_BYTES,
+        }
+    }
+    if layout.trains:
+        phases["old_log_prob"] = {
+            "rollout engine": held,
+            "fp32 weights": 4 * per_gpu,
+            "AdamW moments": moments,
+            "gathered FSDP units": 2 * gathered,
+            "activations": layout.log_prob_tokens * layer,
+            "logits": layout.log_prob_tokens * logits,
+            "runtime": RUNTIME_OVERHEAD_BYTES,
+        }
+        phases["update"] = {
+            "rollout engine": held,
+            "fp32 weights, gradients, AdamW moments": 0 if layout.cpu_offload_policy else 16 * per_gpu,
+            "gathered FSDP units": 8 * gathered,
+            "activations": layout.update_tokens * (2 * shape.layers * shape.hidden + layer),
+            "logits": layout.update_tokens * logits,
+            "runtime": RUNTIME_OVERHEAD_BYTES,
+        }
+    return MemoryEstimate(
+        {phase: {term: int(value) for term, value in terms.items()} for phase, terms in phases.items()}
+    )
+
+
+def layout_from_config(config: DictConfig) -> Layout:
+    """The :class:`Layout` of a composed config (verl's keys; token budgets as verl's engine applies them)."""
+    actor, rollout, trainer = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout, config.trainer
+    world = trainer.nnodes * trainer.n_gpus_per_node
+    fsdp_size = actor.fsdp_config.get("fsdp_size", -1)
+    sequence = config.data.max_prompt_length + config.data.max_response_length
+    sp = max(_ulysses_size(config), 1)
+    # with a dynamic batch size the budget is per GPU after the Ulysses split (verl/workers/engine/utils.py:108-111)
+    if actor.use_dynamic_bsz:
+        update_tokens = actor.ppo_max_token_len_per_gpu
+    else:
+        update_tokens = math.ceil((actor.ppo_micro_batch_size_per_gpu or 1) * sequence / sp)
+    if rollout.log_prob_use_dynamic_bsz:
+        log_prob_tokens = rollout.log_prob_max_token_len_per_gpu
+    else:
+        micro = rollout.log_prob_micro_batch_size_per_gpu or actor.ppo_micro_batch_size_per_gpu or 1
+        log_prob_tokens = math.ceil(micro * sequence / sp)
+    return Layout(
+        shard_gpus=fsdp_size if 0 < fsdp_size < world else world,
+        update_tokens=update_tokens,
+        log_prob_tokens=log_prob_tokens,
+        rollout_fraction=rollout.gpu_memory_utilization if _rollout_name(config) in ENGINES else 0.0,
+        rollout_sleeps=bool(rollout.free_cache_engine and rollout.get("enable_sleep_mode", True)),
+        param_offload=bool(actor.fsdp_config.param_offload),
+        optimizer_offload=bool(actor.fsdp_config.optimizer_offload),
+        cpu_offload_policy=actor.strategy == "fsdp2" and bool(actor.fsdp_config.get("offload_policy", False)),
+        trains=not trainer.get("val_only", False),
+        optimizer_state=not trainer.get("val_only", False)
+        or (trainer.resume_mode != "disable" and "optimizer" in actor.checkpoint.load_contents),
+    )
+
+
+def model_shape(path: str) -> ModelShape | None:
+    """The shape from ``path/config.json`` if ``path`` is a local folder, else from :data:`PAPER_MODELS`."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return PAPER_MODELS.get(path)
+    hf = json.loads(config_file.read_text())
+    hf = hf.get("text_config", hf)  # multimodal configs nest the language model's
+    return ModelShape(
+        hidden=hf["hidden_size"],
+        layers=hf["num_hidden_layers"],
+        intermediate=hf["intermediate_size"],
+        vocab=hf["vocab_size"],
+        heads=hf["num_attention_heads"],
+        kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        tied=bool(hf.get("tie_word_embeddings", False)),  # untied counts more parameters: the conservative default
+        head_dim=hf.get("head_dim"),
+    )
+
+
+# ------------------------------------------------------------------ the checks
+
+
+def preflight_checks(config: DictConfig, gpus: Gpus | None = None) -> list[Check]:
+    """Every preflight item for a composed config; ``gpus`` defaults to what this node shows."""
+    if gpus is None:
+        gpus = Gpus(0) if config.trainer.device == "cpu" else visible_gpus()
+    shape, shape_error = _model_shape_or_error(config)
+    return [
+        *_data_checks(config),
+        _gpu_count_check(config, gpus),
+        _package_check("rollout engine", *_rollout_package(config)),
+        _package_check("attention kernel", *_attention_package(config)),
+        _wandb_check(config),
+        _disk_check(config, shape, shape_error),
+        _memory_check(config, gpus, shape, shape_error),
+    ]
+
+
+def format_report(checks: Sequence[Check]) -> str:
+    width = max(len(check.status) for check in checks) + 2
+    lines = ["DisCO preflight:"]
+    for check in checks:
+        first, *rest = check.detail.split("\n")
+        lines.append(f"  {f'[{check.status}]':<{width}} {check.item}: {first}")
+        lines += [" " * (width + 3) + line.strip() for line in rest]
+    problems = sum(check.status == PROBLEM for check in checks)
+    lines.append(f"{problems} problem(s)." if problems else "No problems.")
+    return "\n".join(lines)
+
+
+def enforce_preflight(config: DictConfig) -> None:
+    """For ``main_disco``: print the report to stderr and exit on a problem unless ``DISCO_IGNORE_PREFLIGHT=1``."""
+    checks = preflight_checks(config)
+    print(format_report(checks), file=sys.stderr, flush=True)
+    if any(check.status == PROBLEM for check in checks) and os.environ.get(IGNORE_ENV) != "1":
+        sys.exit(f"preflight: fix the problems above, or set {IGNORE_ENV}=1 to launch anyway")
+
+
+def visible_gpus() -> Gpus:
+    """GPUs of this node (``torch.cuda.device_count()``, which respects CUDA_VISIBLE_DEVICES) and the card's memory."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return Gpus(count, _card_memory() if count else 0)
+
+
+def _card_memory() -> int:
+    """Total memory of GPU 0, read in a child process: a CUDA context created in the driver would hold GPU memory
+    for the whole run. 0 if the query fails."""
+    query = "import torch; print(torch.cuda.get_device_properties(0).total_memory)"
+    try:
+        done = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, timeout=180, check=True)
+        return int(done.stdout.strip())
+    except (subprocess.SubprocessError, ValueError):
+        return 0
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else [str(path) for path in value]
+
+
+def _data_checks(config: DictConfig) -> list[Check]:
+    train_rows = None if config.trainer.get("val_only", False) else config.data.train_batch_size
+    return [
+        _data_check("training data", "data.train_files", _as_list(config.data.train_files), train_rows),
+        _data_check("validation data", "data.val_files", _as_list(config.data.val_files), None),
+    ]
+
+
+def _data_check(item: str, key: str, paths: list[str], min_rows: int | None) -> Check:
+    """Each file exists, is parquet with DisCO's columns; together they hold at least ``min_rows`` rows."""
+    import pyarrow.parquet as pq
+
+    remote = [path for path in paths if "://" in path]
+    if remote:
+        return Check(item, NOT_CHECKED, f"{key} has remote paths ({remote}); only local files are checked")
+    problems, rows = [], 0
+    absent = [path for path in paths if not Path(path).is_file()]
+    if absent:
+        problems.append(
+            f"{key}={absent[0] if len(absent) == 1 else absent}: no such file; run `{PREPARE_DATA}` (writes "
+            f"$DISCO_DATA_DIR, default ~/data/disco) or point {key} at the parquet file"
+        )
+    for path in (path for path in paths if path not in absent):
+        try:
+            metadata = pq.read_metadata(path)
+        except Exception as error:  # pyarrow raises several types for a file that is not parquet
+            problems.append(f"{key}={path}: not a readable parquet file ({error}); rewrite it with `{PREPARE_DATA}`")
+            continue
+        missing = [name for name in SCHEMA.names if name not in metadata.schema.to_arrow_schema().names]
+        if missing:
+            problems.append(
+                f"{key}={path}: lacks the column(s) {missing} of DisCO's schema (recipe.disco.data."
+                f"SCHEMA); rewrite it with `{PREPARE_DATA}`"
+            )
+        rows += metadata.num_rows
+    if not problems and min_rows is not None and rows < min_rows:
+        problems.append(
+            f"{key}={paths}: {rows} rows, fewer than data.train_batch_size={min_rows}, so not one "
+            "training step; use the whole training set or lower data.train_batch_size"
+        )
+    if problems:
+        return Check(item, PROBLEM, "\n".join(problems))
+    return Check(item, OK, f"{len(paths)} file(s), {rows} rows, DisCO's columns")
+
+
+def _gpu_count_check(config: DictConfig, gpus: Gpus) -> Check:
+    wanted, nodes = config.trainer.n_gpus_per_node, config.trainer.nnodes
+    if not gpus.count:
+        return Check("GPUs", NOT_CHECKED, "no GPU")
+    if gpus.count < wanted:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        return Check(
+            "GPUs",
+            PROBLEM,
+            f"trainer.n_gpus_per_node={wanted}: this node shows {gpus.count} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{visible}); set NGPUS_PER_NODE={gpus.count} (trainer.n_gpus_per_node={gpus.count}) or make "
+            f"{wanted} GPUs visible",
+        )
+    return Check("GPUs", OK, f"{gpus.count} on this node for trainer.n_gpus_per_node={wanted} x nnodes={nodes}")
+
+
+def _rollout_name(config: DictConfig) -> str:
+    """``rollout.name``, which verl's YAML leaves mandatory (``???``) for the launch to set."""
+    return OmegaConf.select(config, f"{ROLLOUT}.name", throw_on_missing=False) or "???"
+
+
+def _rollout_package(config: DictConfig) -> tuple[str, str, str | None, str]:
+    name = _rollout_name(config)
+    module = name if name in ENGINES else None
+    return f"{ROLLOUT}.name", name, module, f'install it: pip install -e ".[{name}]" (verl[{name},fsdp]==0.9.1)'
+
+
+def _attention_package(config: DictConfig) -> tuple[str, str, str | None, str]:
+    override = config.actor_rollout_ref.model.get("override_config") or {}
+    name = override.get("attn_implementation", DEFAULT_ATTENTION)
+    plus = "" if "attn_implementation" in override else "+"
+    fix = f'install flash-attn (pip install -e ".[vllm]" brings it) or set {plus}{ATTN_KEY}=sdpa'
+    return ATTN_KEY, name, ATTENTION_PACKAGES.get(name), fix
+
+
+def _package_check(item: str, key: str, value: str, module: str | None, fix: str) -> Check:
+    if value == "???":
+        return Check(item, PROBLEM, f"{key} is not set; set {key}=vllm (or sglang)")
+    if module is None:
+        return Check(item, NOT_CHECKED, f"{key}={value} needs no extra package checked here")
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # a broken build raises more than ImportError (OSError, RuntimeError)
+        return Check(item, PROBLEM, f"{key}={value}: `import {module}` fails ({type(error).__name__}: {error}); {fix}")
+    return Check(item, OK, f"{key}={value}: {module} imports")
+
+
+def _wandb_check(config: DictConfig) -> Check:
+    loggers = _as_list(config.trainer.logger)
+    if "wandb" not in loggers:
+        return Check("wandb", OK, f"trainer.logger={loggers} does not log to wandb")
+    source = _wandb_credentials()
+    if source:
+        return Check("wandb", OK, f"credentials from {source}")
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    return Check(
+        "wandb",
+        PROBLEM,
+        f"trainer.logger={loggers}: wandb has no credentials (no WANDB_API_KEY, no {host} entry in "
+        f"{_netrc_path()}, WANDB_MODE unset); run `wandb login`, export WANDB_API_KEY, set WANDB_MODE=offline, "
+        "or log elsewhere: LOGGER=\"['console']\" (trainer.logger=[console])",
+    )
+
+
+def _netrc_path() -> Path:
+    return Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+
+
+def _wandb_credentials() -> str | None:
+    """Where wandb would find credentials, or None."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return f"WANDB_MODE={os.environ['WANDB_MODE']} (no login needed)"
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        entry = netrc.netrc(str(_netrc_path())).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return f"{_netrc_path()} ({host})" if entry else None
+
+
+def _model_shape_or_error(config: DictConfig) -> tuple[ModelShape | None, str]:
+    path = str(config.actor_rollout_ref.model.path)
+    try:
+        shape = model_shape(path)
+    except (OSError, ValueError, KeyError) as error:
+        return None, f"actor_rollout_ref.model.path={path}: config.json unreadable ({type(error).__name__}: {error})"
+    if shape is None:
+        return None, f"actor_rollout_ref.model.path={path} is not a local folder with config.json nor a paper model"
+    return shape, ""
+
+
+def checkpoint_bytes(shape: ModelShape, save_contents: Sequence[str]) -> int:
+    """One verl FSDP checkpoint: fp32 weights (model), two fp32 AdamW moments (optimizer), bf16 HF weights."""
+    per_param = {"model": 4, "optimizer": 8, "hf_model": 2}
+    return shape.params * sum(per_param.get(content, 0) for content in save_contents)
+
+
+def checkpoints_on_disk(config: DictConfig, train_rows: int) -> int:
+    """Checkpoints on disk at the peak: verl saves every save_freq steps and at the last one; with
+    max_actor_ckpt_to_keep=K >= 2 it deletes down to K - 1 before saving, with K=1 only after (so 2 at once),
+    with null (or 0) it keeps all (checkpoint/checkpoint_manager.py:166-191)."""
+    trainer = config.trainer
+    steps = trainer.total_training_steps or train_rows // config.data.train_batch_size * trainer.total_epochs
+    saves = math.ceil(steps / trainer.save_freq)
+    keep = trainer.max_actor_ckpt_to_keep
+    return saves if not keep or keep < 1 else min(saves, max(keep, 2))
+
+
+def _disk_check(config: DictConfig, shape: ModelShape | None, shape_error: str) -> Check:
+    trainer = config.trainer
+    if trainer.get("val_only", False):
+        return Check("checkpoint disk", OK, "no checkpoints (trainer.val_only=True)")
+    if trainer.save_freq <= 0:
+        return Check("checkpoint disk", OK, f"no checkpoints (trainer.save_freq={trainer.save_freq})")
+    if shape is None:
+        return Check("checkpoint disk", NOT_CHECKED, f"{shape_error}; the checkpoint size needs the model's shape")
+    rows = _parquet_rows(_as_list(config.data.train_files))
+    if rows is None and not trainer.total_training_steps:
+        return Check("checkpoint disk", NOT_CHECKED, "the number of steps needs the training data's row count")
+    size = checkpoint_bytes(shape, config.actor_rollout_ref.actor.checkpoint.save_contents)
+    kept = checkpoints_on_disk(config, rows or 0)
+    folder = Path(trainer.default_local_dir).absolute()
+    free = shutil.disk_usage(_existing_ancestor(folder)).free
+    detail = f"{kept} checkpoint(s) of {size / GIB:.1f} GiB = {kept * size / GIB:.1f} GiB; {free / GIB:.1f} GiB free"
+    if kept * size <= free:
+        return Check("checkpoint disk", OK, f"{detail} under {folder}")
+    fits = free // size
+    fix = f"set trainer.max_actor_ckpt_to_keep={fits}" if fits >= 2 else "free disk space"
+    return Check(
+        "checkpoint disk",
+        PROBLEM,
+        f"trainer.max_actor_ckpt_to_keep={trainer.max_actor_ckpt_to_keep}: {detail} under trainer.default_local_dir="
+        f"{folder}; {fix}, or point OUTPUT_DIR (trainer.default_local_dir) to a larger disk",
+    )
+
+
+def _parquet_rows(paths: list[str]) -> int | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return sum(pq.read_metadata(path).num_rows for path in paths)
+    except Exception:  # missing or unreadable: the data check reports it
+        return None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _memory_check(config: DictConfig, gpus: Gpus, shape: ModelShape | None, shape_error: str) -> Check:
+    if not gpus.count:
+        return Check("GPU memory", NOT_CHECKED, "no GPU")
+    if not gpus.memory_bytes:
+        return Check("GPU memory", NOT_CHECKED, "the card's memory could not be read")
+    if shape is None:
+        return Check("GPU memory", NOT_CHECKED, shape_error)
+    layout = layout_from_config(config)
+    estimate = estimate_memory(shape, layout, gpus.memory_bytes)
+    summary = ", ".join(f"{phase} {estimate.total(phase) / GIB:.1f}" for phase in estimate.phases)
+    detail = f"estimate per GPU (GiB): {summary}; card {gpus.memory_bytes / GIB:.1f} GiB"
+    over = [phase for phase in estimate.phases if estimate.total(phase) > gpus.memory_bytes]
+    if not over:
+        return Check("GPU memory", OK, detail)
+    fixes = "; ".join(_memory_fix(phase, estimate, layout, gpus.memory_bytes) for phase in over)
+    return Check("GPU memory", PROBLEM, f"{detail}; {fixes}")
+
+
+def _memory_fix(phase: str, estimate: MemoryEstimate, layout: Layout, card: int) -> str:
+    """The key that sets the phase's largest term, its value, and a value that fits by the estimate."""
+    terms, excess = estimate.phases[phase], estimate.total(phase) - card
+    if phase == "generation":
+        fraction = math.floor((layout.rollout_fraction - excess / card) * 20) / 20
+        return (
+            f"generation: {ROLLOUT}.gpu_memory_utilization={layout.rollout_fraction} does not fit beside the actor's "
+            f"state; set it to {fraction:.2f} or offload the actor: actor_rollout_ref.actor.fsdp_config."
+            "param_offload=True optimizer_offload=True"
+        )
+    if terms["rollout engine"]:
+        return (
+            f"{phase}: the rollout engine keeps {terms['rollout engine'] / GIB:.1f} GiB during the actor passes; "
+            f"set {ROLLOUT}.free_cache_engine=True (and {ROLLOUT}.enable_sleep_mode=True)"
+        )
+    tokens = layout.update_tokens if phase == "update" else layout.log_prob_tokens
+    per_token = (terms["activations"] + terms["logits"]) / tokens
+    fitting = max(int(tokens - excess / per_token), 0)
+    key = (
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu (or ppo_max_token_len_per_gpu)"
+        if phase == "update"
+        else f"{ROLLOUT}.log_prob_micro_batch_size_per_gpu (or log_prob_max_token_len_per_gpu)"
+    )
+    return (
+        f"{phase}: {tokens} tokens per GPU per micro-batch are too many; at most {fitting} fit: lower {key} "
+        "or raise the Ulysses sequence parallel size"
+    )
+
+
+# ------------------------------------------------------------------ command line
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """The config ``main_disco`` gets for these overrides (``config/disco_trainer.yaml``, Hydra)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).parent / "config"), version_base=None):
+        return compose("disco_trainer", overrides=list(overrides))
+
+
+def _settings_check(config: DictConfig) -> Check:
+    """main_disco's configuration checks (DisCO's and verl's), as one report line."""
+    from recipe.disco.checks import DisCOConfigError
+    from recipe.disco.main_disco import validate
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # verl prints a success line
+            validate(config)
+    except (DisCOConfigError, AssertionError, ValueError) as error:
+        return Check("settings", PROBLEM, str(error))
+    return Check("settings", OK, "DisCO's and verl's configuration checks pass")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for recipe.disco.main_disco")
+    config = compose_config(parser.parse_args(argv).overrides)
+    from verl.utils.device import auto_set_device
+
+    auto_set_device(config)  # as main_disco does
+    checks = [_settings_check(config), *preflight_checks(config)]
+    print(format_report(checks))
+    return 1 if any(check.status == PROBLEM for check in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
