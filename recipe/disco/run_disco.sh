@@ -3,11 +3,12 @@
 # through `python -m recipe.disco.main_disco`. Those two scripts only set the model-size defaults; call them,
 # not this file. Defaults are the paper's: DeepScaleR prompts, 128 prompts x n=8 answers per step, 32 prompts
 # per mini-batch (4 optimizer steps per step), temperature 0.6, 1024 prompt / 8192 response tokens,
-# delta=1e-4, beta=1e3, tau=10 (logL) or 1 (Lratio), no reference model, no entropy bonus, validation every
-# 20 steps with 16 samples at T=0.6 / top_p=0.95, checkpoints every 20 steps with automatic resume.
+# delta=1e-4, beta=1e3, tau=10 (logL) or 1 (Lratio), no reference model, no entropy bonus, token-budget
+# micro-batches of 36864 tokens per GPU, validation every 20 steps with 16 samples at T=0.6 / top_p=0.95,
+# checkpoints every 20 steps with automatic resume.
 #
 # Every setting below can be overridden from the environment; any further Hydra override can be appended:
-#   NGPUS_PER_NODE=4 bash recipe/disco/run_disco_1.5b.sh trainer.logger='[console]'
+#   NGPUS_PER_NODE=4 bash recipe/disco/run_disco_1.5b.sh trainer.val_before_train=False
 # DRY_RUN=1 composes and validates the config (verl's checks + DisCO's), prints it and exits without Ray.
 # RAY_ADDRESS=<head>:6379 joins an existing (multi-node) Ray cluster instead of starting a local one.
 set -euo pipefail
@@ -20,6 +21,7 @@ SCORE_FUNC=${SCORE_FUNC:?}
 TOTAL_STEPS=${TOTAL_STEPS:?}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:?}
 LOG_PROB_MICRO_BATCH_SIZE=${LOG_PROB_MICRO_BATCH_SIZE:?}
+GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:?}
 
 # --- data (written by recipe/disco/prepare_data.sh)
 DISCO_DATA_DIR=${DISCO_DATA_DIR:-$HOME/data/disco}
@@ -50,21 +52,60 @@ MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-8192}
 TEMPERATURE=${TEMPERATURE:-0.6}
 ROLLOUT_NAME=${ROLLOUT_NAME:-vllm}
 ROLLOUT_TP=${ROLLOUT_TP:-1}
-GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.85}
 
-# --- cluster, schedule, logging, output
+# --- update layout: how the actor cuts a mini-batch into micro-batches (DisCO is exact under any layout).
+# The paper's runs used token-budget micro-batches (use_dynamic_bsz) of at most 36864 = 4 x (1024 + 8192)
+# tokens per GPU, i.e. room for 4 full-length answers, and no sequence parallelism. The tokens per GPU bound
+# the update's activation memory; Ulysses sequence parallelism (SP_SIZE GPUs share each micro-batch) bounds the
+# longest answer instead: verl needs MAX_TOKEN_LEN_PER_GPU x SP_SIZE >= MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH
+# (utils/seqlen_balancing.py asserts it at the first update). The old-log-prob pass takes both settings from
+# the actor through verl's own defaults (rollout.log_prob_use_dynamic_bsz and log_prob_max_token_len_per_gpu
+# select the actor's keys), which keeps the two use_dynamic_bsz equal, as verl asserts (workers/engine_workers.py).
+# USE_DYNAMIC_BSZ=False cuts fixed micro-batches of MICRO_BATCH_SIZE (update) and LOG_PROB_MICRO_BATCH_SIZE
+# (log-prob pass) answers per GPU instead.
+USE_DYNAMIC_BSZ=${USE_DYNAMIC_BSZ:-True}
+MAX_TOKEN_LEN_PER_GPU=${MAX_TOKEN_LEN_PER_GPU:-36864}
+SP_SIZE=${SP_SIZE:-1}
+
+# --- cluster, schedule, output
 NNODES=${NNODES:-1}
 NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
 TOTAL_EPOCHS=${TOTAL_EPOCHS:-30}
 TEST_FREQ=${TEST_FREQ:-20}
 SAVE_FREQ=${SAVE_FREQ:-20}
+# A checkpoint holds fp32 parameters and both AdamW moments: ~21 GB for 1.5B, ~91 GB for 7B, so verl's default
+# (keep all) fills 1.5 TB (1.5B, 70 saves) or 4.6 TB (7B, 50 saves). Resuming needs only the newest, and verl
+# deletes an old one only after the new one is written (utils/checkpoint/checkpoint_manager.py), so 1 is
+# crash-safe; 2 also keeps the previous one in case the newest is unusable (a run that went bad, a damaged disk).
+# verl counts only the saves of the current launch: a resumed run leaves the earlier launch's last ones.
+MAX_CKPT_TO_KEEP=${MAX_CKPT_TO_KEEP:-2}
 VAL_N=${VAL_N:-16}
 VAL_TOP_P=${VAL_TOP_P:-0.95}
 PROJECT_NAME=${PROJECT_NAME:-DisCO}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-$MODEL_SIZE-$OBJECTIVE-$SCORE_FUNC}
 OUTPUT_DIR=${OUTPUT_DIR:-$HOME/disco_runs/$EXPERIMENT_NAME}
-LOGGER=${LOGGER:-"['console','wandb']"}
+# absolute: the trainer and its workers are Ray processes, which need not run in this directory
+[[ "$OUTPUT_DIR" == /* ]] || OUTPUT_DIR=$PWD/$OUTPUT_DIR
 PYTHON=${PYTHON:-python3}
+
+# --- logging. verl's file logger writes one JSON line per step into the run's folder, so that
+# `python -m recipe.disco.plot $OUTPUT_DIR` works; it is passed to Ray so that it also reaches a trainer on another
+# node. wandb is added only where it can log in (an API key, a `wandb login` entry in ~/.netrc, or offline mode):
+# without credentials wandb.init fails only when training starts, after the models and vLLM are up.
+export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-$OUTPUT_DIR/metrics.jsonl}
+wandb_can_log() {
+    [[ -n "${WANDB_API_KEY:-}" || "${WANDB_MODE:-}" == offline ]] ||
+        grep -Eqs 'machine[[:space:]]+api\.wandb\.ai' "${NETRC:-$HOME/.netrc}"
+}
+if [[ -z "${LOGGER:-}" ]]; then
+    LOGGER="['console','file']"
+    if wandb_can_log; then
+        LOGGER="['console','file','wandb']"
+    else
+        echo "run_disco.sh: no wandb credentials (WANDB_API_KEY, ~/.netrc, WANDB_MODE=offline): logging to" \
+            "the console and $VERL_FILE_LOGGER_PATH; LOGGER=... chooses the loggers" >&2
+    fi
+fi
 
 data=(
     data.train_files="$TRAIN_FILE"
@@ -81,9 +122,16 @@ model=(
     actor_rollout_ref.model.enable_gradient_checkpointing=True
 )
 actor=(
+    # FSDP2, the strategy every test runs; verl's default is FSDP1 (strategy=fsdp). run_eval.sh uses the same,
+    # so that it loads the checkpoints this run writes.
+    actor_rollout_ref.actor.strategy=fsdp2
     actor_rollout_ref.actor.optim.lr="$LR"
     actor_rollout_ref.actor.ppo_mini_batch_size="$MINI_BATCH_SIZE"
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="$MICRO_BATCH_SIZE"
+    actor_rollout_ref.actor.use_dynamic_bsz="$USE_DYNAMIC_BSZ"
+    actor_rollout_ref.actor.ppo_max_token_len_per_gpu="$MAX_TOKEN_LEN_PER_GPU"
+    # the key the FSDP engine reads (actor.ulysses_sequence_parallel_size is verl's deprecated alias)
+    actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size="$SP_SIZE"
     actor_rollout_ref.actor.policy_loss.objective="$OBJECTIVE"
     actor_rollout_ref.actor.policy_loss.score_func="$SCORE_FUNC"
     actor_rollout_ref.actor.policy_loss.tau="$TAU"
@@ -112,13 +160,23 @@ trainer=(
     trainer.total_training_steps="$TOTAL_STEPS"
     trainer.test_freq="$TEST_FREQ"
     trainer.save_freq="$SAVE_FREQ"
+    trainer.max_actor_ckpt_to_keep="$MAX_CKPT_TO_KEEP"
     trainer.val_before_train=True
     trainer.resume_mode=auto
     trainer.default_local_dir="$OUTPUT_DIR/checkpoints"
 )
-cluster=()
+cluster=(++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH="$VERL_FILE_LOGGER_PATH")
 if [[ -n "${RAY_ADDRESS:-}" ]]; then
     cluster+=(+ray_kwargs.ray_init.address="$RAY_ADDRESS")
+fi
+
+if [[ "${DRY_RUN:-0}" =~ ^0?$ ]]; then
+    # verl's FileLogger opens its file with "wb", which empties it, and makes no folder for it (utils/tracking.py):
+    # keep the log of an earlier launch of this run (a resume) as <file>.<UTC time>, and make the folder
+    if [[ -s "$VERL_FILE_LOGGER_PATH" ]]; then
+        mv "$VERL_FILE_LOGGER_PATH" "$VERL_FILE_LOGGER_PATH.$(date -u +%Y%m%dT%H%M%SZ)"
+    fi
+    mkdir -p "$(dirname "$VERL_FILE_LOGGER_PATH")"
 fi
 
 exec "$PYTHON" -m recipe.disco.main_disco \

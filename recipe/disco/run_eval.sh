@@ -25,6 +25,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-$HOME/disco_eval/$(basename "${CHECKPOINT:-$MODEL_PATH}
 LABEL=${LABEL:-}
 NNODES=${NNODES:-1}
 NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
+ROLLOUT_NAME=${ROLLOUT_NAME:-vllm}
 PYTHON=${PYTHON:-python3}
 
 args=(
@@ -45,6 +46,10 @@ fi
 if [[ -n "$LABEL" ]]; then
     args+=(--label "$LABEL")
 fi
+# As in run_disco.sh: FSDP2, the strategy every test runs and the one that wrote the checkpoints it loads (verl's
+# default is FSDP1), and the rollout engine (verl has no default: rollout.name is ???). Placed before the caller's
+# overrides, which win.
+set -- actor_rollout_ref.actor.strategy=fsdp2 actor_rollout_ref.rollout.name="$ROLLOUT_NAME" "$@"
 if [[ -n "${RAY_ADDRESS:-}" ]]; then
     set -- +ray_kwargs.ray_init.address="$RAY_ADDRESS" "$@"
 fi
