@@ -73,10 +73,19 @@ def random_batch(
 
 
 def reference_objective(
-    batch: Batch, objective: str, score_func: str, tau: float, delta: float, beta: float, M: float
+    batch: Batch,
+    objective: str,
+    score_func: str,
+    tau: float,
+    delta: float,
+    beta: float,
+    M: float,
+    kl_unit: str = "question",
 ) -> torch.Tensor:
-    """(1/M) sum_q ( -J_q 1[mixed] + beta/2 [KL_q - delta]_+^2 ), literally, in float64."""
+    """Literally, in float64: kl_unit question: (1/M) sum_q ( -J_q 1[mixed] + beta/2 [KL_q - delta]_+^2 );
+    kl_unit step: -(1/M) sum_q J_q 1[mixed] + beta/2 [KL - delta]_+^2 with KL the token mean over all answers."""
     total = batch.log_prob.new_zeros(())
+    step_kl_num, step_kl_den = batch.log_prob.new_zeros(()), 0
     real_uids = sorted({u for u, m in zip(batch.uids, batch.response_mask.any(-1)) if m and not u.startswith("pad")})
     for uid in real_uids:
         rows = [i for i, u in enumerate(batch.uids) if u == uid and batch.response_mask[i].any()]
@@ -98,9 +107,13 @@ def reference_objective(
             else:
                 J = pos_mean - tau * torch.log(sum(torch.exp(s / tau) for s in neg) / len(neg))
             total = total - J
-        kl = kl_num / kl_den
-        total = total + beta / 2 * torch.clamp(kl - delta, min=0) ** 2
-    return total / M
+        step_kl_num, step_kl_den = step_kl_num + kl_num, step_kl_den + kl_den
+        if kl_unit == "question":
+            total = total + beta / 2 * torch.clamp(kl_num / kl_den - delta, min=0) ** 2
+    if kl_unit == "question":
+        return total / M
+    step_kl = step_kl_num / max(step_kl_den, 1)
+    return total / M + beta / 2 * torch.clamp(step_kl - delta, min=0) ** 2
 
 
 def num_real_questions(batch: Batch) -> int:

@@ -1,7 +1,11 @@
-"""Startup checks: refuse settings under which DisCO's per-question objective would not be exact.
+"""Startup checks: refuse settings under which DisCO's step objective would not be exact, and the update layout.
 
 Run by ``recipe.disco.main_disco`` on the composed config before Ray or any model starts (also under
 ``DRY_RUN=1``). Every problem gives one message naming the key, its value and the fix; all are reported at once.
+Micro-batching is free (fixed sizes, ``use_dynamic_bsz`` token budgets, Ulysses sequence parallelism): the step
+coefficients make every layout exact (``recipe.disco.worker``). What remains refused routes questions, losses or
+models around the step objective: shuffled mini-batches (a question split over optimizer steps), async trainer
+modes, Megatron, reference-model KL, rollout corrections, a critic, distillation.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import verl
 from omegaconf import DictConfig
 from verl.trainer.distillation import is_distillation_enabled
 
-from recipe.disco.grouping import MICRO_BATCH_KEY, UpdateShape
+from recipe.disco.grouping import UpdateShape
 from recipe.disco.objective import DISCO
 
 SUPPORTED_VERL = "0.9.1"
@@ -30,14 +34,29 @@ def actor_dp_size(config: DictConfig) -> int:
     return world // max(_ulysses_size(config), 1)
 
 
-def update_shape(config: DictConfig, dp_size: int) -> UpdateShape:
-    """The actor update's layout in rows: W ranks, ppo_mini_batch_size * n rows per mini-batch, micro rows per GPU."""
+def coefficients_in_loss(config: DictConfig) -> bool:
+    """Whether each loss call can compute its own coefficients (no extra forward pass): ``kl_unit: question``
+    with fixed micro-batches whose global micro-batch (all ranks' same-index micro-batches, gathered by the loss)
+    holds whole questions. Otherwise DisCO's actor worker computes them once per mini-batch."""
     actor = config.actor_rollout_ref.actor
-    return UpdateShape(
-        dp_size=dp_size,
-        mini_batch_rows=actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n,
-        micro_rows_per_gpu=actor.ppo_micro_batch_size_per_gpu,
+    n, m, dp = config.actor_rollout_ref.rollout.n, actor.ppo_micro_batch_size_per_gpu, actor_dp_size(config)
+    return (
+        actor.policy_loss.kl_unit == "question"
+        and not actor.use_dynamic_bsz
+        and _ulysses_size(config) == 1
+        and bool(m)
+        and (dp * m) % n == 0
+        and (actor.ppo_mini_batch_size * n) % (dp * m) == 0
     )
+
+
+def update_shape(config: DictConfig) -> UpdateShape:
+    """The actor update's layout in rows: W ranks, ppo_mini_batch_size * n rows per mini-batch, and the unit that
+    must hold whole questions: a global micro-batch when the loss computes its coefficients, else a mini-batch."""
+    actor, dp = config.actor_rollout_ref.actor, actor_dp_size(config)
+    mini_batch_rows = actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
+    unit_rows = dp * actor.ppo_micro_batch_size_per_gpu if coefficients_in_loss(config) else mini_batch_rows
+    return UpdateShape(dp_size=dp, mini_batch_rows=mini_batch_rows, unit_rows=unit_rows)
 
 
 def _ulysses_size(config: DictConfig) -> int:
@@ -46,13 +65,13 @@ def _ulysses_size(config: DictConfig) -> int:
 
 
 def _setting_problems(config: DictConfig) -> list[str]:
-    """Settings that route data, losses or models around the whole-group layout."""
+    """Settings that route questions, losses or models around DisCO's step objective."""
     actor = config.actor_rollout_ref.actor
+    correction = config.algorithm.get("rollout_correction") or {}
     fixed = [
         ("trainer.use_v1", config.trainer.use_v1, True, "main_disco extends verl's v1 trainer"),
         ("trainer.v1.trainer_mode", config.trainer.v1.trainer_mode, "sync", "the layout hook is the sync trainer's"),
-        (f"{ACTOR}.use_dynamic_bsz", actor.use_dynamic_bsz, False, "token-budget micro-batches split groups"),
-        (f"{ACTOR}.shuffle", actor.shuffle, False, "shuffled mini-batches split groups"),
+        (f"{ACTOR}.shuffle", actor.shuffle, False, "shuffled mini-batches split questions over optimizer steps"),
         (f"{ACTOR}.policy_loss.loss_mode", actor.policy_loss.loss_mode, DISCO, "main_disco trains DisCO"),
         (
             f"{ACTOR}.use_kl_loss",
@@ -61,6 +80,24 @@ def _setting_problems(config: DictConfig) -> list[str]:
             "DisCO has no reference model (its trust region is a KL hinge)",
         ),
         ("algorithm.use_kl_in_reward", config.algorithm.use_kl_in_reward, False, "DisCO needs the raw 0/1 rewards"),
+        (
+            "algorithm.rollout_correction.bypass_mode",
+            correction.get("bypass_mode", False),
+            False,
+            "DisCO's trust region and first-mini-batch coefficients need old log-probs recomputed by the actor",
+        ),
+        (
+            "algorithm.rollout_correction.rollout_is",
+            correction.get("rollout_is"),
+            None,
+            "DisCO's loss takes no importance weights",
+        ),
+        (
+            "algorithm.rollout_correction.rollout_rs",
+            correction.get("rollout_rs"),
+            None,
+            "rejection sampling would drop answers from their question's group",
+        ),
         ("critic.enable", bool(config.critic.enable), False, "DisCO uses no critic"),
         ("distillation.enabled", is_distillation_enabled(config.get("distillation")), False, "it replaces the loss"),
     ]
@@ -69,14 +106,8 @@ def _setting_problems(config: DictConfig) -> list[str]:
     ]
     if actor.strategy not in FSDP_STRATEGIES:
         problems.append(
-            f"{ACTOR}.strategy={actor.strategy}: the loss gathers over the default process group, which is the "
-            f"data-parallel group only for FSDP; set {ACTOR}.strategy=fsdp2"
-        )
-    if _ulysses_size(config) != 1:
-        problems.append(
-            f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size={_ulysses_size(config)}: sequence parallelism makes "
-            f"the default process group larger than the data-parallel group; set it (and {ACTOR}."
-            "ulysses_sequence_parallel_size) to 1"
+            f"{ACTOR}.strategy={actor.strategy}: DisCO's actor worker extends verl's FSDP training worker; "
+            f"set {ACTOR}.strategy=fsdp2"
         )
     if config.actor_rollout_ref.rollout.n < 2:
         problems.append(
@@ -86,18 +117,9 @@ def _setting_problems(config: DictConfig) -> list[str]:
     return problems
 
 
-def _micro_fix(dp: int, mini_rows: int, n: int, micro: int) -> str:
-    """Fix text: the nearest valid micro-batch size per GPU (the largest not above ``micro``, else the smallest)."""
-    fits = [m for m in range(1, mini_rows // dp + 1) if (dp * m) % n == 0 and mini_rows % (dp * m) == 0]
-    if fits:
-        return f"set {MICRO_BATCH_KEY}={max((m for m in fits if m <= micro), default=fits[0])}"
-    return f"make {ACTOR}.ppo_mini_batch_size x rollout.n a multiple of rollout.n x the number of GPUs"
-
-
 def _batch_problems(config: DictConfig) -> list[str]:
-    """Batch arithmetic: whole groups per global micro-batch, whole global micro-batches per mini-batch."""
-    actor = config.actor_rollout_ref.actor
-    n = config.actor_rollout_ref.rollout.n
+    """Batch arithmetic that verl would otherwise assert late, inside the workers."""
+    actor, rollout = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout
     problems = []
     if config.data.train_batch_size % actor.ppo_mini_batch_size:
         problems.append(
@@ -105,26 +127,34 @@ def _batch_problems(config: DictConfig) -> list[str]:
             f"{actor.ppo_mini_batch_size}, so an optimizer step would see fewer questions; set "
             f"data.train_batch_size to a multiple of {actor.ppo_mini_batch_size}"
         )
-    m = actor.ppo_micro_batch_size_per_gpu
-    if m is None or m < 1:
-        problems.append(f"{MICRO_BATCH_KEY}={m}: DisCO needs fixed micro-batches; set {MICRO_BATCH_KEY}=4")
+    dp, mini_rows = actor_dp_size(config), actor.ppo_mini_batch_size * rollout.n
+    if mini_rows % dp:
+        problems.append(
+            f"{ACTOR}.ppo_mini_batch_size={actor.ppo_mini_batch_size}: a mini-batch of {mini_rows} answers does not "
+            f"split evenly over {dp} data-parallel ranks; make ppo_mini_batch_size x rollout.n a multiple of {dp}"
+        )
         return problems
-    dp, mini_rows = actor_dp_size(config), actor.ppo_mini_batch_size * n
-    if dp >= 1 and ((dp * m) % n or mini_rows % (dp * m)):
-        problems.append(
-            f"{MICRO_BATCH_KEY}={m}: with {dp} data-parallel ranks a global micro-batch holds {dp * m} answers, which "
-            f"must be a multiple of rollout.n={n} and divide a mini-batch of {ACTOR}.ppo_mini_batch_size x n = "
-            f"{mini_rows} answers; {_micro_fix(dp, mini_rows, n, m)}"
-        )
-    log_prob_key = "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu"
-    log_prob_micro = config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
-    if dp >= 1 and mini_rows % dp == 0 and log_prob_micro and (mini_rows // dp) % log_prob_micro:
-        problems.append(
-            f"{log_prob_key}={log_prob_micro}: each rank gets a multiple of {mini_rows // dp} answers per step, which "
-            f"the old-log-prob pass must cut into whole micro-batches; set {log_prob_key} to a divisor of "
-            f"{mini_rows // dp}"
-        )
+    share = mini_rows // dp  # answers per rank per mini-batch; a rank's step share is a multiple of it
+    micro_batches = [
+        (f"{ACTOR}.ppo_micro_batch_size_per_gpu", actor.use_dynamic_bsz, actor.ppo_micro_batch_size_per_gpu),
+        (
+            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+            rollout.log_prob_use_dynamic_bsz,
+            rollout.log_prob_micro_batch_size_per_gpu,
+        ),
+    ]
+    for key, dynamic, size in micro_batches:
+        if not dynamic and (not size or share % size):
+            problems.append(
+                f"{key}={size}: each rank gets {share} answers per mini-batch, which verl cuts into micro-batches of "
+                f"this size; set {key} to a divisor of {share} ({_divisors(share)}), or use_dynamic_bsz=True with a "
+                "token budget"
+            )
     return problems
+
+
+def _divisors(number: int) -> str:
+    return ", ".join(str(d) for d in range(1, number + 1) if number % d == 0)
 
 
 def config_problems(config: DictConfig) -> list[str]:
@@ -132,8 +162,8 @@ def config_problems(config: DictConfig) -> list[str]:
     problems = []
     if verl.__version__ != SUPPORTED_VERL:
         problems.append(
-            f"verl=={verl.__version__}: the whole-group layout follows verl {SUPPORTED_VERL}'s dispatch and "
-            f"mini/micro-batch split; install verl[verl-core]=={SUPPORTED_VERL}"
+            f"verl=={verl.__version__}: DisCO's layout and actor worker follow verl {SUPPORTED_VERL}'s dispatch, "
+            f"mini-batch split and worker classes; install verl[verl-core]=={SUPPORTED_VERL}"
         )
     return problems + _setting_problems(config) + _batch_problems(config)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from verl.workers.config import PolicyLossConfig
 
-from recipe.disco.objective import DISCO, OBJECTIVES, SCORE_FUNCS
+from recipe.disco.objective import DISCO, KL_UNITS, OBJECTIVES, SCORE_FUNCS
 
 
 @dataclass
@@ -24,6 +24,8 @@ class DisCOPolicyLossConfig(PolicyLossConfig):
         tau: temperature of the softmax over negatives (``disco`` only); the paper uses 10 for logL, 1 for Lratio.
         delta: trust-region radius on KL(pi_old || pi).
         beta: squared-hinge penalty weight, penalty = (beta/2) [KL - delta]_+^2.
+        kl_unit: what the trust region bounds: ``step`` (the textbook's single hinge on the token-mean KL of all
+            answers of the optimizer step) or ``question`` (one hinge per question, on its answers' KL).
         adv_estimator: a mirror of ``algorithm.adv_estimator`` (filled by interpolation in ``disco_trainer.yaml``)
             so that pairing the DisCO loss with another estimator, or the reverse, fails when the config is built.
     """
@@ -33,6 +35,7 @@ class DisCOPolicyLossConfig(PolicyLossConfig):
     tau: float = 10.0
     delta: float = 1e-4
     beta: float = 1e3
+    kl_unit: str = "step"
     adv_estimator: str | None = None
 
     def __post_init__(self) -> None:
@@ -48,6 +51,8 @@ class DisCOPolicyLossConfig(PolicyLossConfig):
             problems.append(f"{key}.delta={self.delta!r} must be >= 0 (paper: 1e-4)")
         if not self.beta >= 0:
             problems.append(f"{key}.beta={self.beta!r} must be >= 0 (paper: 1e3)")
+        if self.kl_unit not in KL_UNITS:
+            problems.append(f"{key}.kl_unit={self.kl_unit!r} is not one of {list(KL_UNITS)} (textbook: step)")
         loss_is_disco = self.loss_mode == DISCO
         if self.adv_estimator is not None and loss_is_disco != (self.adv_estimator == DISCO):
             problems.append(

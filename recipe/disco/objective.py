@@ -10,20 +10,19 @@ positives and lowered for negatives:
     disco-b (L1): J_q = mean_{i in P_q} s_i - mean_{j in N_q} s_j
     disco   (L2): J_q = mean_{i in P_q} s_i - tau * log( mean_{j in N_q} exp(s_j / tau) )
 
-Only *mixed* questions (|P_q| > 0 and |N_q| > 0) have a J_q. The trust region
-KL(pi_old || pi) <= delta is enforced by a squared hinge on the k1 estimate
+Only *mixed* questions (|P_q| > 0 and |N_q| > 0) have a J_q. The trust region KL(pi_old || pi) <= delta
+is enforced by a squared hinge on the k1 estimate, over one of two units (``kl_unit``):
 
-    KL_q = sum_{tokens of q's answers} (log pi_old - log pi) / #tokens of q's answers
-    penalty_q = (beta / 2) * [KL_q - delta]_+^2      (gradient beta * [KL_q - delta]_+ * grad KL_q)
+    step     (textbook, default): KL = sum_{tokens of all answers of the step} (log pi_old - log pi) / #tokens
+             L = -(1/M) sum_q J_q 1[q mixed] + (beta / 2) [KL - delta]_+^2
+    question                    : KL_q = the same token mean over the answers of question q only
+             L = (1/M) sum_q ( -J_q 1[q mixed] + (beta / 2) [KL_q - delta]_+^2 )
 
-KL is averaged per question (over the tokens of all its answers), so the penalty, like J_q, is a
-sum of per-question terms: an optimizer step's objective
-
-    L = (1/M) * sum_q ( -J_q * 1[q mixed] + penalty_q )
-
-splits exactly over any micro-batching or data-parallel layout that keeps each question's answers
-together. M is the number of questions in the optimizer step, counting all-correct and all-wrong
-ones, as the reference implementation does.
+The gradient of the hinge is beta [KL - delta]_+ grad KL. M is the number of questions in the optimizer step,
+counting all-correct and all-wrong ones, as the reference implementation does. L depends on the policy only
+through the per-answer scalars (s_i, sum of the k1 terms of answer i, |y_i|), which is what makes it exact
+under any layout: its derivatives with respect to them (``answer_coefficients``) turn each micro-batch's share
+into a linear function of its own rows.
 
 Answers are given per row: a question id (``group``, int64 in [0, G)) and a label ``positive``.
 Rows must already be restricted to real answers (padding rows dropped by the caller).
@@ -31,16 +30,18 @@ Rows must already be restricted to real answers (padding rows dropped by the cal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
 
 import torch
 
 ScoreFunc = Literal["logL", "Lratio"]
 Objective = Literal["disco", "disco-b"]
+KLUnit = Literal["step", "question"]
 DISCO = "disco"  # the name of the registered loss and estimator, and of the L2 objective
 SCORE_FUNCS: tuple[str, ...] = ("logL", "Lratio")
 OBJECTIVES: tuple[str, ...] = (DISCO, "disco-b")
+KL_UNITS: tuple[str, ...] = ("step", "question")
 
 
 def sequence_scores(
@@ -101,13 +102,40 @@ def neg_log_mean_exp(s: torch.Tensor, negative: torch.Tensor, group: torch.Tenso
     return torch.where(has_neg, tau * log_mean, torch.zeros_like(log_mean))
 
 
+class Settings(Protocol):
+    """DisCO's hyperparameters (``recipe.disco.config.DisCOPolicyLossConfig`` is one)."""
+
+    objective: str
+    score_func: str
+    tau: float
+    delta: float
+    beta: float
+    kl_unit: str
+
+
 @dataclass
-class QuestionTerms:
-    """Per-question quantities of one batch of answers (each of shape (G,))."""
+class Answers:
+    """Per-answer scalars of the real answers of one optimizer step (or of one loss call), each of shape (A,).
+
+    ``s``: score s_i; ``kl_sum``: sum over the answer's tokens of log pi_old - log pi; ``num_tokens``: |y_i|;
+    ``group``: question index in [0, num_groups); ``positive``: r_i = 1.
+    """
+
+    s: torch.Tensor
+    kl_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    group: torch.Tensor
+    positive: torch.Tensor
+    num_groups: int
+
+
+@dataclass
+class StepTerms:
+    """The terms of L for a set of answers: per question (G,) and per trust-region unit (G,) or (1,)."""
 
     J: torch.Tensor  # J_q, 0 where the question is not mixed
-    kl: torch.Tensor  # KL_q, the token-mean k1 estimate over the question's answers
-    penalty: torch.Tensor  # (beta/2) [KL_q - delta]_+^2
+    kl: torch.Tensor  # the k1 estimate of each trust-region unit: KL_q per question, or one KL for the step
+    penalty: torch.Tensor  # (beta/2) [KL - delta]_+^2 per unit
     num_pos: torch.Tensor  # |P_q|
     num_neg: torch.Tensor  # |N_q|
 
@@ -149,29 +177,47 @@ def squared_hinge_penalty(kl: torch.Tensor, delta: float, beta: float) -> torch.
     return 0.5 * beta * torch.clamp(kl - delta, min=0) ** 2
 
 
-def question_terms(
-    s: torch.Tensor,
-    kl_sum: torch.Tensor,
-    num_tokens: torch.Tensor,
-    group: torch.Tensor,
-    positive: torch.Tensor,
-    num_groups: int,
-    objective: Objective,
-    tau: float,
-    delta: float,
-    beta: float,
-) -> QuestionTerms:
-    """J_q, KL_q and penalty_q of every question from per-answer scores and k1 token sums."""
-    J = question_objective(s, group, positive, num_groups, objective, tau)
-    tokens = group_sum(num_tokens.to(kl_sum.dtype), group, num_groups)
-    kl = group_sum(kl_sum, group, num_groups) / tokens.clamp(min=1)
-    num_pos, num_neg = answer_counts(positive, group, num_groups, s.dtype)
-    return QuestionTerms(J=J, kl=kl, penalty=squared_hinge_penalty(kl, delta, beta), num_pos=num_pos, num_neg=num_neg)
+def trust_region_kl(answers: Answers, kl_unit: KLUnit) -> torch.Tensor:
+    """The k1 estimate of KL(pi_old || pi) per unit: token mean over each question's answers (G,), or over all
+    answers (1,) for the step."""
+    if kl_unit == "question":
+        tokens = group_sum(answers.num_tokens.to(answers.kl_sum.dtype), answers.group, answers.num_groups)
+        return group_sum(answers.kl_sum, answers.group, answers.num_groups) / tokens.clamp(min=1)
+    if kl_unit == "step":
+        return (answers.kl_sum.sum() / answers.num_tokens.to(answers.kl_sum.dtype).sum().clamp(min=1)).reshape(1)
+    raise ValueError(f"kl_unit must be one of {KL_UNITS}, got {kl_unit!r}")
 
 
-def step_objective_sum(terms: QuestionTerms) -> torch.Tensor:
-    """sum_q ( -J_q 1[q mixed] + penalty_q ): the loss before division by M."""
-    return (terms.penalty - terms.J).sum()
+def step_terms(answers: Answers, settings: Settings) -> StepTerms:
+    """J_q per question and the trust-region KL and penalty per unit, from per-answer scalars."""
+    a = answers
+    J = question_objective(a.s, a.group, a.positive, a.num_groups, settings.objective, settings.tau)
+    kl = trust_region_kl(a, settings.kl_unit)
+    num_pos, num_neg = answer_counts(a.positive, a.group, a.num_groups, a.s.dtype)
+    penalty = squared_hinge_penalty(kl, settings.delta, settings.beta)
+    return StepTerms(J=J, kl=kl, penalty=penalty, num_pos=num_pos, num_neg=num_neg)
+
+
+def step_objective(terms: StepTerms, M: float, kl_unit: KLUnit) -> torch.Tensor:
+    """L = -(1/M) sum_q J_q + (1/M) sum_q penalty_q (question unit) or + penalty of the step (step unit)."""
+    penalty = terms.penalty.sum() / M if kl_unit == "question" else terms.penalty.sum()
+    return penalty - terms.J.sum() / M
+
+
+def answer_coefficients(answers: Answers, settings: Settings, M: float) -> tuple[torch.Tensor, torch.Tensor, StepTerms]:
+    """(dL/ds_i, dL/dkl_sum_i) of every answer, by autograd through :func:`step_objective`, with L and its terms.
+
+    L depends on the policy only through (s_i, kl_sum_i), so at given parameters
+    grad L = sum_i dL/ds_i grad s_i + dL/dkl_sum_i grad kl_sum_i: each answer's share of the gradient is a linear
+    function of its own scalars with these coefficients. Returns coefficients of shape (A, 2) and L (0-dim).
+    """
+    s = answers.s.detach().requires_grad_(True)
+    kl_sum = answers.kl_sum.detach().requires_grad_(True)
+    with torch.enable_grad():
+        terms = step_terms(replace(answers, s=s, kl_sum=kl_sum), settings)
+        L = step_objective(terms, M, settings.kl_unit)
+        grads = torch.autograd.grad(L, (s, kl_sum))
+    return torch.stack(grads, dim=1), L.detach(), StepTerms(**{k: v.detach() for k, v in vars(terms).items()})
 
 
 def pairwise_auc(s: torch.Tensor, group: torch.Tensor, positive: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -1,16 +1,18 @@
-"""verl's v1 sync trainer with DisCO's whole-group batch layout and per-step question metrics.
+"""verl's v1 sync trainer with DisCO's actor worker, whole-question batch layout and per-step question metrics.
 
-:class:`DisCOTrainer` subclasses verl's registered sync trainer (``PPOTrainerSync``) and overrides two hooks:
+:class:`DisCOTrainer` subclasses verl's registered sync trainer (``PPOTrainerSync``) and overrides four hooks:
 
+* ``_init_resource_pool_mgr``: the actor role runs :class:`recipe.disco.worker.DisCOActorRolloutRefWorker`
+  (verl's hybrid worker whose training worker writes DisCO's step coefficients before each mini-batch).
 * ``_balance_batch``, which verl calls on every step batch before the old-log-prob pass, the advantage and the
   actor update. verl's version pads the batch and Karmarkar-Karp-partitions rows over ranks, which scatters a
-  question's answers over ranks and micro-batches. Here the batch is padded with verl's own padding rows
+  question's answers over mini-batches. Here the batch is padded with verl's own padding rows
   (``upsample_batch_to_divisible_size``) and reordered by :func:`recipe.disco.grouping.whole_group_order`, so
-  that every global micro-batch of the update holds whole groups while tokens stay balanced over ranks. It logs
-  verl's usual ``global_seqlen/*`` balance metrics.
+  that every mini-batch (or, when the loss computes its own coefficients, every global micro-batch) holds whole
+  questions while tokens stay balanced over ranks. It logs verl's usual ``global_seqlen/*`` balance metrics.
+* ``_update_actor``: tells the workers which of the two holds (:data:`recipe.disco.worker.COEFFICIENTS_IN_LOSS`).
 * ``_compute_metrics``, which adds ``disco/*`` question counts, reward outcome rates and the truncation rate to
-  verl's metrics
-  (:func:`step_metrics`).
+  verl's metrics (:func:`step_metrics`).
 
 :class:`DisCOTaskRunner` is the Ray task runner that builds this trainer (verl's ``TaskRunnerV1`` picks its
 trainer from a registry whose ``sync`` entry cannot be replaced).
@@ -22,19 +24,22 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ray
 import torch
 import transfer_queue as tq
 from omegaconf import DictConfig, OmegaConf
 from transfer_queue import KVBatchMeta
 from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1 import AgentLoopManagerTQ, PPOTrainerSync
 from verl.utils.import_utils import load_class_from_fqn
 from verl.utils.logging_utils import configure_verl_logging
 from verl.utils.seqlen_balancing import log_seqlen_unbalance
 
-from recipe.disco.checks import actor_dp_size, update_shape
+from recipe.disco.checks import coefficients_in_loss, update_shape
 from recipe.disco.grouping import UpdateShape, padded_rows, rank_partitions, uid_of_key, whole_group_order
 from recipe.disco.reward import Outcome
+from recipe.disco.worker import COEFFICIENTS_IN_LOSS, DisCOActorRolloutRefWorker
 
 METRIC_PREFIX = "disco/"
 
@@ -47,7 +52,7 @@ def _rows_of(batch: KVBatchMeta) -> tuple[list[str], list[bool]]:
 def lay_out_whole_groups(
     batch: KVBatchMeta, shape: UpdateShape, eos_token_id: int, logging_prefix: str = "global_seqlen"
 ) -> tuple[KVBatchMeta, dict[str, float]]:
-    """Pad ``batch`` with verl's padding rows and reorder it into whole groups per global micro-batch.
+    """Pad ``batch`` with verl's padding rows and reorder it into whole questions per unit of ``shape``.
 
     Returns the (possibly new) batch and verl's sequence-length balance metrics for the resulting rank split.
     """
@@ -119,14 +124,27 @@ def step_metrics(batch: KVBatchMeta, rollout_n: int, max_response_length: int) -
     return metrics
 
 
+ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
+
+
 class DisCOTrainer(PPOTrainerSync):
-    """verl's v1 sync PPO trainer with whole-group batches for the DisCO loss."""
+    """verl's v1 sync PPO trainer with DisCO's actor worker and whole-question batches."""
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        for role in ACTOR_ROLES:
+            if role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(DisCOActorRolloutRefWorker)
 
     def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
-        shape = update_shape(self.config, actor_dp_size(self.config))
+        shape = update_shape(self.config)
         batch, balance = lay_out_whole_groups(batch, shape, self.tokenizer.eos_token_id, logging_prefix)
         metrics.update(balance)
         return batch
+
+    def _update_actor(self, batch, metrics):
+        batch.extra_info[COEFFICIENTS_IN_LOSS] = coefficients_in_loss(self.config)
+        return super()._update_actor(batch, metrics)
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
