@@ -13,10 +13,12 @@ Rules (``grade``):
    DeepScaleR's grader), and a plain number in e-notation (``4.5e33``) is read as such, not as Euler's e.
 4. Check: math-verify ``parse`` of both in a ``\\boxed{}``, then ``verify(gold, answer)`` with the gold first.
 
-The check runs in a persistent pool of worker processes (math-verify's own signal-based timeouts
-are disabled there, so it works from any thread, asyncio executor or Ray worker). Every call has a hard time
-limit ``timeout_s`` covering the wait for a free worker and the check itself: past it the call scores 0.0 with
-outcome ``timeout``, and a worker still busy with it is killed and replaced, never left running.
+The check runs in a pool of persistent verifier processes (so it works from any thread, asyncio executor or Ray
+worker), ``POOL_SIZE`` per process that scores, handed to calls first come, first served. ``timeout_s`` limits the
+CPU time of the check itself, enforced by the kernel in the verifier: past it the verifier ends, the call scores 0.0
+with outcome ``timeout`` and a fresh verifier takes its place. The wait for a free verifier, its start-up and the
+time it waits for a CPU on a busy machine do not count, so load cannot turn a right answer into a timeout; and as
+every check ahead in the queue ends within its own limit, no call waits without bound.
 
 ``compute_score`` returns exactly 1.0 or 0.0. ``compute_score_with_info`` (the function wired into
 ``reward.custom_reward_function``) returns verl's dict form: ``score``, ``acc`` (the same 0/1 value, verl's core
@@ -29,16 +31,18 @@ data_source, so saved generations can be grouped by benchmark). verl logs the nu
 from __future__ import annotations
 
 import atexit
+import collections
 import enum
 import logging
+import math
 import numbers
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -136,9 +140,12 @@ def gold_answers(ground_truth: Any) -> list[str]:
 def grade(
     solution_str: str, ground_truth: Any, timeout_s: float = DEFAULT_TIMEOUT_S, require_think: bool = True
 ) -> Grade:
-    """Grade one response against its gold answer(s); never takes longer than ``timeout_s`` (plus IPC)."""
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}; set reward_kwargs.timeout_s to e.g. 10")
+    """Grade one response against its gold answer(s); the check may use ``timeout_s`` seconds of CPU time."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < math.inf:
+        raise ValueError(
+            f"timeout_s must be a finite number of CPU seconds > 0, got {timeout_s!r}; "
+            "set reward_kwargs.timeout_s to e.g. 10"
+        )
     answer = extract_answer(solution_str, require_think)
     if answer is None:
         return Grade(Outcome.MISSING, "")
@@ -200,7 +207,7 @@ def _clean(text: str) -> str:
     return _E_NOTATION.sub(r"\1E\2", text)
 
 
-# --- worker processes -------------------------------------------------------------------------------------------
+# --- verifier processes -----------------------------------------------------------------------------------------
 
 
 def _boxed(text: str) -> str:
@@ -208,37 +215,46 @@ def _boxed(text: str) -> str:
 
 
 def _serve(job_fd: int, result_fd: int) -> None:
-    """Worker process: import math-verify once, then answer (golds, answer) -> bool jobs until the pipe closes."""
+    """Verifier process: import and warm up math-verify, then answer (golds, answer, timeout_s) jobs until EOF."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warnings: by design here
-    jobs = Connection(job_fd, writable=False)
-    results = Connection(result_fd, readable=False)
     extraction = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-    results.send("ready")
-    while True:
-        try:
-            golds, answer = jobs.recv()
-        except EOFError:
-            return
-        # math-verify's own timeouts use signal.alarm; they are off here because the parent enforces the limit
+
+    def check(golds: tuple[str, ...], answer: str) -> bool:
+        # math-verify's own timeouts (signal.alarm, wall clock) are off: the CPU-time limit below replaces them
         try:
             parsed_answer = parse(_boxed(answer), extraction, parsing_timeout=None)
-            verdict = bool(parsed_answer) and any(
+            return bool(parsed_answer) and any(
                 verify(parse(_boxed(gold), extraction, parsing_timeout=None), parsed_answer, timeout_seconds=None)
                 for gold in golds
             )
         except Exception:  # math-verify catches its own errors; anything else is a failed match
             logger.debug("math-verify failed on %r vs %r", answer, golds, exc_info=True)
-            verdict = False
+            return False
+
+    jobs = Connection(job_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    # SIGPROF's default action ends the process: that is the time limit (a disposition or mask inherited from the
+    # thread that started this process could otherwise ignore or hold it)
+    signal.signal(signal.SIGPROF, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGPROF})
+    check(("\\frac{1}{2}",), "0.5")  # builds math-verify's parsers, so the first timed check costs what others do
+    results.send("ready")
+    while True:
+        try:
+            golds, answer, timeout_s = jobs.recv()
+        except EOFError:
+            return
+        # the kernel ends this process once the check has used timeout_s of CPU time, even inside C code; time
+        # spent waiting for a CPU on a busy machine does not count
+        signal.setitimer(signal.ITIMER_PROF, timeout_s)
+        verdict = check(golds, answer)
+        signal.setitimer(signal.ITIMER_PROF, 0)
         results.send(verdict)
 
 
-class _Hung(Exception):
-    """The worker got a job and did not answer before the deadline."""
-
-
-class _Worker:
+class _Verifier:
     """A ``python -c`` child process (not multiprocessing: nothing re-imports the caller's ``__main__``)."""
 
     def __init__(self) -> None:
@@ -255,17 +271,26 @@ class _Worker:
         self._results = Connection(result_read, writable=False)
         self._ready = False
 
-    def call(self, job: tuple[tuple[str, ...], str], deadline: float) -> bool | None:
-        """The verdict; None if the worker was still starting at the deadline (no job sent); raises ``_Hung``."""
+    def check(self, golds: tuple[str, ...], answer: str, timeout_s: float) -> bool | None:
+        """The verdict; None if the check used up ``timeout_s`` of CPU time (the process has then ended).
+
+        Raises EOFError or OSError if the process died otherwise (killed from outside, failed to start).
+        """
         if not self._ready:
-            if not self._results.poll(max(0.0, deadline - time.monotonic())):
-                return None
-            self._results.recv()
+            self._results.recv()  # start-up and warm-up count against no call's time limit
             self._ready = True
-        self._jobs.send(job)
-        if not self._results.poll(max(0.0, deadline - time.monotonic())):
-            raise _Hung
-        return self._results.recv()
+        self._jobs.send((golds, answer, timeout_s))
+        try:
+            return self._results.recv()
+        except EOFError:
+            if self._process.wait() == -signal.SIGPROF:
+                return None
+            raise
+
+    def restart(self) -> _Verifier:
+        """Kill this process (if it still runs) and start its replacement."""
+        self.kill()
+        return _Verifier()
 
     def kill(self) -> None:
         self._process.kill()
@@ -275,44 +300,68 @@ class _Worker:
 
 
 class _VerifierPool:
-    """``size`` persistent workers; a worker that misses a deadline or dies is killed and replaced."""
+    """``size`` verifier processes, handed to calls first come, first served; one that ends is replaced.
+
+    A call waits for a free verifier behind at most the calls that arrived before it, and each of those holds a
+    verifier for at most its ``timeout_s`` of CPU time (plus starting a replacement): the wait is bounded.
+    """
 
     def __init__(self, size: int):
         self.pid = os.getpid()
-        self._workers: queue.Queue[_Worker] = queue.Queue()
-        for _ in range(size):
-            self._workers.put(_Worker())
+        self._lock = threading.Lock()
+        self._idle = collections.deque(_Verifier() for _ in range(size))
+        self._waiting: collections.deque[queue.SimpleQueue[_Verifier]] = collections.deque()  # one per waiting call
 
     def verify(self, golds: tuple[str, ...], answer: str, timeout_s: float) -> bool | None:
-        """math-verify's verdict for ``answer`` against any of ``golds``; None past the deadline."""
-        deadline = time.monotonic() + timeout_s
-        try:
-            worker = self._workers.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        """math-verify's verdict for ``answer`` against any of ``golds``; None if the check ran out of CPU time."""
+        verifier = self._acquire()
         try:
             for _ in range(2):
                 try:
-                    return worker.call((golds, answer), deadline)
-                except (EOFError, OSError):  # the worker had died (killed from outside, or by this job): retry once
-                    worker = self._replace(worker)
-            logger.warning("math-verify workers died twice while checking %r; scoring it as wrong", answer[:200])
+                    verdict = verifier.check(golds, answer, timeout_s)
+                except (EOFError, OSError):  # it had died (killed from outside, or failed to start): retry once
+                    verifier = verifier.restart()
+                    continue
+                if verdict is None:
+                    verifier = verifier.restart()
+                return verdict
+            logger.warning("math-verify verifiers died twice while checking %r; scoring it as wrong", answer[:200])
             return False
-        except _Hung:
-            worker = self._replace(worker)
-            return None
+        except BaseException:  # interrupted between job and verdict: its late verdict must not answer the next call
+            verifier = verifier.restart()
+            raise
         finally:
-            self._workers.put(worker)
+            self._release(verifier)
 
     def close(self) -> None:
-        """Kill the idle workers (at interpreter exit)."""
-        while not self._workers.empty():
-            self._workers.get_nowait().kill()
+        """Kill the idle verifiers (at interpreter exit)."""
+        with self._lock:
+            while self._idle:
+                self._idle.popleft().kill()
 
-    @staticmethod
-    def _replace(worker: _Worker) -> _Worker:
-        worker.kill()
-        return _Worker()
+    def _acquire(self) -> _Verifier:
+        with self._lock:
+            if self._idle:  # never while calls wait: a release hands its verifier to the first of them
+                return self._idle.popleft()
+            handoff: queue.SimpleQueue[_Verifier] = queue.SimpleQueue()
+            self._waiting.append(handoff)
+        try:
+            return handoff.get()
+        except BaseException:  # interrupted while waiting: leave the queue, or pass on a verifier handed over meanwhile
+            with self._lock:
+                handed_over = handoff not in self._waiting
+                if not handed_over:
+                    self._waiting.remove(handoff)
+            if handed_over:
+                self._release(handoff.get())
+            raise
+
+    def _release(self, verifier: _Verifier) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().put(verifier)
+            else:
+                self._idle.append(verifier)
 
 
 _pool: _VerifierPool | None = None
@@ -320,7 +369,7 @@ _pool_lock = threading.Lock()
 
 
 def _get_pool() -> _VerifierPool:
-    """The process's worker pool, started on first use (and again in a forked child)."""
+    """The process's verifier pool, started on first use (and again in a forked child)."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool.pid != os.getpid():
