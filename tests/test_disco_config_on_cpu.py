@@ -18,14 +18,16 @@ def test_recipe_yaml_selects_the_paper_defaults():
     actor_cfg, cfg = disco_actor_config()
     hp = actor_cfg.policy_loss
     assert isinstance(hp, DisCOPolicyLossConfig)
-    assert (hp.loss_mode, hp.objective, hp.score_func, hp.tau, hp.delta, hp.beta) == (
+    assert (hp.loss_mode, hp.objective, hp.score_func, hp.tau, hp.delta, hp.beta, hp.kl_unit) == (
         "disco",
         "disco",
         "logL",
         10.0,
         1e-4,
         1e3,
+        "step",
     )
+    assert actor_cfg.strategy == "fsdp2"
     assert cfg.algorithm.adv_estimator == "disco" and hp.adv_estimator == "disco"
     assert cfg.reward.custom_reward_function.path == "pkg://recipe.disco.reward"
     assert not actor_cfg.use_kl_loss and actor_cfg.entropy_coeff == 0
@@ -37,6 +39,7 @@ def test_recipe_yaml_selects_the_paper_defaults():
         (f"{KEY}.score_func=logl", rf"{KEY}.score_func='logl' is not one of \['logL', 'Lratio'\]"),
         (f"{KEY}.objective=dro", rf"{KEY}.objective='dro' is not one of \['disco', 'disco-b'\]"),
         (f"{KEY}.tau=0", rf"{KEY}.tau=0 must be > 0"),
+        (f"{KEY}.kl_unit=token", rf"{KEY}.kl_unit='token' is not one of \['step', 'question'\]"),
         (f"{KEY}.tau=-1", rf"{KEY}.tau=-1 must be > 0"),
         (f"{KEY}.beta=-1", rf"{KEY}.beta=-1 must be >= 0"),
         (f"{KEY}.delta=-0.1", rf"{KEY}.delta=-0.1 must be >= 0"),

@@ -1,4 +1,5 @@
-"""Property-based check (hypothesis): thousands of random batches, no NaN/Inf, no mismatch with the reference."""
+"""Property-based check (hypothesis): thousands of random batches, no NaN/Inf, no mismatch with the reference, for
+the worker's per-token weights (both KL units) and for the loss computing its own coefficients (question unit)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_disco_loss_on_cpu import call_loss, estimator_codes
 
+from recipe.disco.loss import token_weights
+
 CONFIGS = {
-    (objective, score, tau): disco_actor_config(
+    (objective, score, tau, kl_unit): disco_actor_config(
         [
             f"actor_rollout_ref.actor.policy_loss.objective={objective}",
             f"actor_rollout_ref.actor.policy_loss.score_func={score}",
             f"actor_rollout_ref.actor.policy_loss.tau={tau}",
             "actor_rollout_ref.actor.policy_loss.delta=1e-3",
             "actor_rollout_ref.actor.policy_loss.beta=1000.0",
+            f"actor_rollout_ref.actor.policy_loss.kl_unit={kl_unit}",
         ],
         rollout_n=4,
     )
     for objective in ("disco", "disco-b")
     for score in ("logL", "Lratio")
     for tau in (0.01, 1.0, 10.0)
+    for kl_unit in ("step", "question")
 }
 
 
@@ -46,17 +51,24 @@ def test_random_batches_are_finite_and_match_the_reference(
     batch.log_prob = (batch.log_prob.detach() * log_prob_scale).requires_grad_(True)
     batch.old_log_prob = batch.old_log_prob * log_prob_scale
     M = max(num_real_questions(batch), 1)
-    loss, metrics = call_loss(actor_cfg, batch, estimator_codes(batch, cfg.algorithm), global_batch_size=M * 4)
-    (grad,) = torch.autograd.grad(loss, batch.log_prob)
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    assert all(np.isfinite(v) for v in metrics.values())
-
     hp = actor_cfg.policy_loss
-    expected = reference_objective(batch, hp.objective, hp.score_func, hp.tau, hp.delta, hp.beta, M)
+    codes = estimator_codes(batch, cfg.algorithm)
+    weights, L, metrics = token_weights(batch.log_prob, batch.old_log_prob, batch.response_mask, codes[:, 0], hp, M)
+    assert np.isfinite(L) and torch.isfinite(weights).all() and all(np.isfinite(v) for v in metrics.values())
+    values_and_grads = [(torch.tensor(L, dtype=torch.float64), weights)]
+    if hp.kl_unit == "question":  # the loss's own coefficients: a call holding every question
+        loss, call_metrics = call_loss(actor_cfg, batch, codes, global_batch_size=M * 4)
+        (grad,) = torch.autograd.grad(loss, batch.log_prob)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert all(np.isfinite(v) for v in call_metrics.values())
+        values_and_grads.append((loss.detach(), grad))
+
+    expected = reference_objective(batch, hp.objective, hp.score_func, hp.tau, hp.delta, hp.beta, M, hp.kl_unit)
     if not torch.isfinite(expected):  # the literal formula overflows (exp(s/tau) with tiny tau); ours must not
         return
-    expected_grad = torch.zeros_like(grad)
+    expected_grad = torch.zeros_like(weights)
     if expected.requires_grad:  # an empty batch gives a constant 0
         (expected_grad,) = torch.autograd.grad(expected, batch.log_prob)
-    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+    for value, grad in values_and_grads:
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)

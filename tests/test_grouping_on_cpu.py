@@ -1,4 +1,8 @@
-"""Whole-group layout through verl 0.9.1's real reorder/dispatch/mini-batch/micro-batch code, and rank balance.
+"""Whole-question layout through verl 0.9.1's real reorder/dispatch/mini-batch/micro-batch code, and rank balance.
+
+With ``kl_unit: step`` (or any layout where the loss cannot compute its own coefficients) the unit of whole
+questions is a mini-batch; with ``kl_unit: question`` and whole-question global micro-batches it is a global
+micro-batch, and the loss computes its coefficients in each call (the pipeline test below).
 
 The pipeline test builds a step batch the way the v1 trainer does: agent-loop rows (``AgentLoopOutput.as_dict``,
 uuid uids, keys ``{uid}_{session}_0``) put into a real TransferQueue in shuffled completion order, with failed
@@ -126,7 +130,7 @@ def put_step_batch(tq, partition: str, rng: np.random.Generator):
     return KVBatchMeta(partition_id=partition, keys=keys, tags=tags), rewards
 
 
-def trainer_for(dp_size: int, micro: int) -> DisCOTrainer:
+def trainer_for(dp_size: int, micro: int, kl_unit: str = "question") -> DisCOTrainer:
     """A DisCOTrainer with just what its data methods read: the composed recipe config and the EOS token."""
     trainer = object.__new__(DisCOTrainer)
     trainer.config = compose_disco(
@@ -136,6 +140,7 @@ def trainer_for(dp_size: int, micro: int) -> DisCOTrainer:
             f"actor_rollout_ref.rollout.n={N}",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={MINI_PROMPTS}",
             f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
+            f"actor_rollout_ref.actor.policy_loss.kl_unit={kl_unit}",
         ]
     )
     trainer.tokenizer = SimpleNamespace(eos_token_id=EOS)
@@ -167,7 +172,7 @@ def global_micro_batches(rank_data: list[TensorDict], shape: UpdateShape) -> lis
         )
         micros = []
         for mini in minis:
-            tu.assign_non_tensor(mini, use_dynamic_bsz=False, micro_batch_size_per_gpu=shape.micro_rows_per_gpu)
+            tu.assign_non_tensor(mini, use_dynamic_bsz=False, micro_batch_size_per_gpu=shape.rank_rows)
             micros.append(prepare_micro_batches(mini, dp_group=None, same_micro_num_in_dp=True)[0])
         per_rank.append(micros)
     assert len({len(m) for m in per_rank}) == 1, "ranks must run the same number of mini-batches"
@@ -237,7 +242,7 @@ def loss_gradient(calls: list[TensorDict], log_probs: LogProbs, actor_cfg, shape
 def test_every_loss_call_gets_whole_groups_and_the_exact_gradient(transfer_queue, dp_size, micro):
     tq, rng = transfer_queue, np.random.default_rng(1000 * dp_size + micro)
     trainer = trainer_for(dp_size, micro)
-    shape = UpdateShape(dp_size, MINI_PROMPTS * N, micro)
+    shape = UpdateShape(dp_size, MINI_PROMPTS * N, dp_size * micro)
     batch, _ = put_step_batch(tq, f"train_w{dp_size}_m{micro}", rng)
     real_rows = [(key.split("_")[0], int(key.split("_")[1])) for key in batch.keys]
 
@@ -254,7 +259,7 @@ def test_every_loss_call_gets_whole_groups_and_the_exact_gradient(transfer_queue
     whole = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id)
     assert_whole_groups(calls, uids_of(whole))
 
-    actor_cfg, _ = disco_actor_config(rollout_n=N)
+    actor_cfg, _ = disco_actor_config(["actor_rollout_ref.actor.policy_loss.kl_unit=question"], rollout_n=N)
     log_probs = LogProbs(real_rows, max_len=64, seed=dp_size)
     split_grad = loss_gradient(calls, log_probs, actor_cfg, shape)
     single_grad = loss_gradient([whole], log_probs, actor_cfg, shape)
@@ -262,12 +267,30 @@ def test_every_loss_call_gets_whole_groups_and_the_exact_gradient(transfer_queue
     torch.testing.assert_close(split_grad, single_grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(("dp_size", "micro"), [(1, 3), (2, 3), (4, 1), (8, 2)])
+def test_with_the_step_kl_unit_every_mini_batch_holds_whole_questions(transfer_queue, dp_size, micro):
+    """kl_unit step: the unit of whole questions is the mini-batch (over all ranks), whatever the micro-batches."""
+    tq, rng = transfer_queue, np.random.default_rng(100 * dp_size + micro)
+    trainer = trainer_for(dp_size, micro, kl_unit="step")
+    batch, _ = put_step_batch(tq, f"train_step_w{dp_size}_m{micro}", rng)
+    batch = trainer._balance_batch(batch, {})
+    rows_per_rank_per_mini_batch = MINI_PROMPTS * N // dp_size
+    rank_data = [tq.get_client().get_data(meta) for meta in BatchData(batch).chunk(dp_size)]
+    per_rank = [
+        list(tu.make_iterator(data, rows_per_rank_per_mini_batch, epochs=1, dataloader_kwargs={"shuffle": False}))
+        for data in rank_data
+    ]
+    mini_batches = [tu.concat_tensordict([minis[j] for minis in per_rank]) for j in range(len(per_rank[0]))]
+    assert len(mini_batches) * MINI_PROMPTS * N == len(batch)
+    assert_whole_groups(mini_batches, uids_of(tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id)))
+
+
 def test_without_the_layout_verl_splits_groups_and_the_loss_refuses(transfer_queue):
     """Negative control: verl's padding and dispatch on the completion order (no whole-group reorder)."""
     tq, rng = transfer_queue, np.random.default_rng(7)
     dp_size, micro = 2, 4
     trainer = trainer_for(dp_size, micro)
-    shape = UpdateShape(dp_size, MINI_PROMPTS * N, micro)
+    shape = UpdateShape(dp_size, MINI_PROMPTS * N, dp_size * micro)
     batch, _ = put_step_batch(tq, "train_unordered", rng)
     batch = upsample_batch_to_divisible_size(batch, shape.mini_batch_rows, EOS)
     add_old_log_probs(tq, batch, rng)
@@ -275,7 +298,7 @@ def test_without_the_layout_verl_splits_groups_and_the_loss_refuses(transfer_que
     calls = global_micro_batches([tq.get_client().get_data(m) for m in BatchData(batch).chunk(dp_size)], shape)
     with pytest.raises(AssertionError, match="split groups"):
         assert_whole_groups(calls, [key.split("_")[0] for key in batch.keys])
-    actor_cfg, _ = disco_actor_config(rollout_n=N)
+    actor_cfg, _ = disco_actor_config(["actor_rollout_ref.actor.policy_loss.kl_unit=question"], rollout_n=N)
     real_rows = [(key.split("_")[0], int(key.split("_")[1])) for key in batch.keys]
     with pytest.raises(RuntimeError, match="incomplete answer groups"):
         loss_gradient(calls, LogProbs(real_rows, 64, 0), actor_cfg, shape)
@@ -357,7 +380,7 @@ def test_group_aware_balance_keeps_rank_tokens_within_5_percent(dp_size, micro, 
     rng = np.random.default_rng(dp_size * 10 + micro)
     uids, lengths = realistic_lengths(rng)
     padding = [False] * len(uids)
-    shape = UpdateShape(dp_size, 32 * N, micro)
+    shape = UpdateShape(dp_size, 32 * N, dp_size * micro)
     order = whole_group_order(uids, lengths, padding, shape)
     assert sorted(order) == list(range(len(uids)))
     ours = max_deviation(lengths, rank_partitions(order, dp_size))
@@ -378,16 +401,16 @@ def test_layout_positions_follow_verl_dispatch_arithmetic():
     """Global micro-batch b of rank w starts at w*N/W + b*m; each one holds whole groups."""
     rng = np.random.default_rng(5)
     uids, lengths = realistic_lengths(rng, prompts=8)
-    shape = UpdateShape(dp_size=4, mini_batch_rows=16, micro_rows_per_gpu=2)
+    shape = UpdateShape(dp_size=4, mini_batch_rows=16, unit_rows=8)
     order = whole_group_order(uids, lengths, [False] * len(uids), shape)
     per_rank = len(order) // shape.dp_size
-    for b in range(len(order) // shape.bin_rows):
+    for b in range(len(order) // shape.unit_rows):
         rows = [order[w * per_rank + b * 2 + i] for w in range(4) for i in range(2)]
         assert len({uids[r] for r in rows}) == 1  # C = 8 = n: one question per global micro-batch
 
 
 def test_unequal_groups_add_a_padding_mini_batch_and_spread_it():
-    shape = UpdateShape(dp_size=2, mini_batch_rows=16, micro_rows_per_gpu=4)  # bins of 8, 2 bins per mini-batch
+    shape = UpdateShape(dp_size=2, mini_batch_rows=16, unit_rows=8)  # units of 8, 2 per mini-batch
     uids = ["a"] * 5 + ["b"] * 5 + ["c"] * 5
     assert padded_rows(uids, [False] * 15, shape) == 32  # 3 bins do not fit one mini-batch (verl would pad to 16)
     uids += ["pad"] * 17
@@ -404,7 +427,7 @@ def test_unequal_groups_add_a_padding_mini_batch_and_spread_it():
         whole_group_order(uids[:16], [10] * 16, padding[:16], shape)
 
 
-def test_a_question_larger_than_a_global_micro_batch_is_refused():
-    with pytest.raises(ValueError, match="actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"):
+def test_a_question_larger_than_a_unit_is_refused():
+    with pytest.raises(ValueError, match="actor_rollout_ref.actor.ppo_mini_batch_size"):
         pack_questions([8, 9], capacity=8)
     assert pack_questions([3, 8, 5, 4, 4], capacity=8) == [[1], [2, 0], [3, 4]]

@@ -18,6 +18,7 @@ VALID = [
     "actor_rollout_ref.rollout.n=8",
     "actor_rollout_ref.actor.ppo_mini_batch_size=32",
     f"{MICRO}=4",
+    f"{LOG_PROB_MICRO}=8",
 ]
 
 
@@ -31,34 +32,89 @@ def test_the_paper_setting_passes():
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        # 24 answers per rank and mini-batch, micro-batches of 3 (n = 8 is no multiple of 3)
+        ["data.train_batch_size=96", "actor_rollout_ref.actor.ppo_mini_batch_size=24", f"{MICRO}=3"],
+        ["trainer.n_gpus_per_node=1"],
+        ["trainer.n_gpus_per_node=4", "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2"],
+        [f"{MICRO}=1", "actor_rollout_ref.actor.policy_loss.kl_unit=question"],
+        [
+            "actor_rollout_ref.actor.use_dynamic_bsz=true",
+            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=1500",  # below one question's 8 answers
+            "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
+            "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=4096",
+        ],
+    ],
+)
+def test_layouts_users_run_are_accepted(overrides):
+    """DisCO is exact under any micro-batching, token budget, rank count and Ulysses size (the step coefficients)."""
+    assert problems_with(*overrides) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "in_loss", "unit_rows"),
+    [
+        ([], False, 256),  # kl_unit step: whole questions per mini-batch, coefficients from the worker
+        (["actor_rollout_ref.actor.policy_loss.kl_unit=question"], True, 32),  # 8 GPUs x 4 = 4 whole questions
+        (["actor_rollout_ref.actor.policy_loss.kl_unit=question", f"{MICRO}=3", f"{LOG_PROB_MICRO}=4"], False, 256),
+        (
+            ["actor_rollout_ref.actor.policy_loss.kl_unit=question", "actor_rollout_ref.actor.use_dynamic_bsz=true"],
+            False,
+            256,
+        ),
+    ],
+)
+def test_the_loss_computes_its_own_coefficients_only_where_global_micro_batches_hold_whole_questions(
+    overrides, in_loss, unit_rows
+):
+    config = compose_disco([*VALID, *overrides])
+    assert checks.coefficients_in_loss(config) is in_loss
+    assert checks.update_shape(config).unit_rows == unit_rows
+
+
+@pytest.mark.parametrize(
     ("override", "key", "fix"),
     [
-        ("actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.actor.use_dynamic_bsz=True", "=False"),
         ("actor_rollout_ref.actor.shuffle=true", "actor_rollout_ref.actor.shuffle=True", "=False"),
         ("trainer.use_v1=false", "trainer.use_v1=False", "set trainer.use_v1=True"),
         ("trainer.v1.trainer_mode=colocate_async", "trainer.v1.trainer_mode=colocate_async", "=sync"),
         ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "loss_mode=vanilla", "loss_mode=disco"),
         ("actor_rollout_ref.actor.use_kl_loss=true", "use_kl_loss=True", "use_kl_loss=False"),
         ("algorithm.use_kl_in_reward=true", "algorithm.use_kl_in_reward=True", "=False"),
+        ("algorithm.rollout_correction.bypass_mode=true", "bypass_mode=True", "bypass_mode=False"),
+        ("algorithm.rollout_correction.rollout_is=token", "rollout_is=token", "rollout_is=None"),
+        ("algorithm.rollout_correction.rollout_rs=token", "rollout_rs=token", "rollout_rs=None"),
         ("critic.enable=true", "critic.enable=True", "critic.enable=False"),
         ("distillation.enabled=true", "distillation.enabled=True", "distillation.enabled=False"),
         ("actor_rollout_ref.actor.strategy=megatron", "strategy=megatron", "strategy=fsdp2"),
-        (
-            "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
-            "ulysses_sequence_parallel_size=2",
-            "to 1",
-        ),
-        ("actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.n=1", "rollout.n=8"),
+        ("actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.n=1", "rollout.n=8"),  # (with log-prob micro 4)
         ("data.train_batch_size=100", "data.train_batch_size=100", "multiple of 32"),
-        (f"{MICRO}=3", f"{MICRO}=3", f"set {MICRO}=2"),  # 8 x 3 = 24 answers: not whole groups of 8
-        (f"{MICRO}=null", f"{MICRO}=None", f"set {MICRO}=4"),
-        ("trainer.n_gpus_per_node=1", f"{MICRO}=4", f"set {MICRO}=8"),  # 1 GPU: 4 answers < n
-        ("trainer.n_gpus_per_node=3", f"{MICRO}=4", "multiple of rollout.n x the number of GPUs"),
-        (f"{LOG_PROB_MICRO}=5", f"{LOG_PROB_MICRO}=5", "to a divisor of 32"),  # 256 answers / 8 ranks
+        (f"{MICRO}=3", f"{MICRO}=3", "divisor of 32 (1, 2, 4, 8, 16, 32)"),  # 256 answers / 8 ranks per mini-batch
+        (f"{MICRO}=null", f"{MICRO}=None", "actor_rollout_ref.actor.use_dynamic_bsz=True"),
+        ("trainer.n_gpus_per_node=3", "ppo_mini_batch_size=32", "multiple of 3"),
+        (f"{LOG_PROB_MICRO}=5", f"{LOG_PROB_MICRO}=5", "divisor of 32"),
+        (
+            "actor_rollout_ref.actor.use_dynamic_bsz=true",  # the default budget (16384) holds every sequence
+            "ppo_max_token_len_per_gpu=100",
+            "at least 1024",
+        ),
+        (
+            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+            "use_remove_padding=True with attn_implementation=sdpa",
+            "use_remove_padding=False",
+        ),
     ],
 )
 def test_each_refused_setting_has_one_message_naming_key_value_and_fix(override, key, fix):
-    problems = problems_with(override)
+    extra = {
+        "actor_rollout_ref.actor.use_dynamic_bsz=true": [
+            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=100",
+            "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=false",
+        ],
+        "actor_rollout_ref.rollout.n=1": [f"{LOG_PROB_MICRO}=4"],  # 32 prompts x 1 answer / 8 ranks
+    }
+    problems = problems_with(override, *extra.get(override, []))
     assert len(problems) == 1, problems
     assert key in problems[0] and fix in problems[0]
 
@@ -73,8 +129,8 @@ def test_all_problems_are_reported_at_once_and_raise():
 def test_another_verl_version_is_refused(monkeypatch):
     monkeypatch.setattr(checks.verl, "__version__", "0.10.0")
     assert problems_with() == [
-        "verl==0.10.0: the whole-group layout follows verl 0.9.1's dispatch and mini/micro-batch split; "
-        "install verl[verl-core]==0.9.1"
+        "verl==0.10.0: DisCO's layout and actor worker follow verl 0.9.1's dispatch, mini-batch split and worker "
+        "classes; install verl[verl-core]==0.9.1"
     ]
 
 
@@ -83,6 +139,24 @@ def test_an_entropy_bonus_warns():
         checks.check_config(compose_disco([*VALID, "actor_rollout_ref.actor.entropy_coeff=0.01"]))
 
 
-def test_the_trainer_is_verls_registered_sync_trainer_with_the_layout_hook():
+def test_the_trainer_is_verls_registered_sync_trainer_with_discos_hooks():
     assert issubclass(DisCOTrainer, get_trainer_cls("sync"))
-    assert "_balance_batch" in vars(DisCOTrainer) and "_compute_metrics" in vars(DisCOTrainer)
+    hooks = ("_init_resource_pool_mgr", "_balance_batch", "_update_actor", "_compute_metrics")
+    assert all(hook in vars(DisCOTrainer) for hook in hooks)
+
+
+def test_the_actor_role_runs_discos_worker():
+    """The resource-pool hook maps the actor role to DisCO's hybrid worker (verl's, with DisCO's training worker)."""
+    from verl.trainer.ppo.utils import Role
+    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+
+    from recipe.disco.worker import DisCOActorRolloutRefWorker, DisCOTrainingWorker
+
+    trainer = object.__new__(DisCOTrainer)
+    trainer.config = compose_disco(VALID)
+    trainer._init_resource_pool_mgr()
+    worker = trainer.role_worker_mapping[Role.ActorRollout]
+    assert worker.__ray_metadata__.modified_class.__mro__[1] is DisCOActorRolloutRefWorker
+    assert issubclass(DisCOActorRolloutRefWorker, ActorRolloutRefWorker)
+    assert DisCOActorRolloutRefWorker.actor_worker_cls is DisCOTrainingWorker
+    assert issubclass(DisCOTrainingWorker, TrainingWorker)

@@ -109,6 +109,13 @@ def _setting_problems(config: DictConfig) -> list[str]:
             f"{ACTOR}.strategy={actor.strategy}: DisCO's actor worker extends verl's FSDP training worker; "
             f"set {ACTOR}.strategy=fsdp2"
         )
+    attention = (config.actor_rollout_ref.model.get("override_config") or {}).get("attn_implementation")
+    if attention in ("sdpa", "eager") and config.actor_rollout_ref.model.use_remove_padding:
+        problems.append(
+            f"actor_rollout_ref.model.use_remove_padding=True with attn_implementation={attention}: packed sequences "
+            "attend across their boundaries without flash-attention's variable-length kernel, which corrupts the "
+            "log-probs; set actor_rollout_ref.model.use_remove_padding=False (or install flash-attn)"
+        )
     if config.actor_rollout_ref.rollout.n < 2:
         problems.append(
             f"actor_rollout_ref.rollout.n={config.actor_rollout_ref.rollout.n}: DisCO contrasts several answers "
@@ -136,19 +143,37 @@ def _batch_problems(config: DictConfig) -> list[str]:
         return problems
     share = mini_rows // dp  # answers per rank per mini-batch; a rank's step share is a multiple of it
     micro_batches = [
-        (f"{ACTOR}.ppo_micro_batch_size_per_gpu", actor.use_dynamic_bsz, actor.ppo_micro_batch_size_per_gpu),
+        (f"{ACTOR}.ppo_micro_batch_size_per_gpu", f"{ACTOR}.use_dynamic_bsz", actor),
         (
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
-            rollout.log_prob_use_dynamic_bsz,
-            rollout.log_prob_micro_batch_size_per_gpu,
+            "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz",
+            rollout,
         ),
     ]
-    for key, dynamic, size in micro_batches:
-        if not dynamic and (not size or share % size):
+    for key, dynamic_key, section in micro_batches:
+        size = section[key.rsplit(".", 1)[1]]
+        if not section[dynamic_key.rsplit(".", 1)[1]] and (not size or share % size):
             problems.append(
                 f"{key}={size}: each rank gets {share} answers per mini-batch, which verl cuts into micro-batches of "
-                f"this size; set {key} to a divisor of {share} ({_divisors(share)}), or use_dynamic_bsz=True with a "
+                f"this size; set {key} to a divisor of {share} ({_divisors(share)}), or {dynamic_key}=True with a "
                 "token budget"
+            )
+    longest = config.data.max_prompt_length + config.data.max_response_length
+    budgets = [
+        (f"{ACTOR}.ppo_max_token_len_per_gpu", actor.use_dynamic_bsz, actor.ppo_max_token_len_per_gpu),
+        (
+            "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
+            rollout.log_prob_use_dynamic_bsz,
+            rollout.log_prob_max_token_len_per_gpu,
+        ),
+    ]
+    sp = _ulysses_size(config)
+    for key, dynamic, budget in budgets:
+        if dynamic and budget * sp < longest:
+            problems.append(
+                f"{key}={budget}: with Ulysses size {sp} a micro-batch holds {budget * sp} tokens, fewer than the "
+                f"longest sequence (data.max_prompt_length + data.max_response_length = {longest}); set {key} to at "
+                f"least {-(-longest // sp)}"
             )
     return problems
 
