@@ -32,6 +32,15 @@ def disco_actor_config(overrides: list[str] | tuple[str, ...] = (), rollout_n: i
     return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor), cfg
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """main_disco trained for 2 steps on 2 CPU ranks with a checkpoint (``e2e_utils.train_shared_run``), once per
+    session: the end-to-end and evaluation tests share it."""
+    from e2e_utils import train_shared_run
+
+    return train_shared_run(tmp_path_factory.mktemp("disco_e2e"))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

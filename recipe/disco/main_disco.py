@@ -1,27 +1,30 @@
 """Train with DisCO on verl 0.9.1: ``python -m recipe.disco.main_disco [hydra overrides]``.
 
 A thin layer over verl's own entry point (``verl.trainer.main_ppo``): the same Hydra config (``ppo_trainer``
-composed by ``config/disco_trainer.yaml``), verl's ``validate_config``, verl's ``run_ppo`` and verl's unmodified
-workers. Two things differ.
+composed by ``config/disco_trainer.yaml``), verl's ``validate_config``, verl's ``run_ppo``, verl's workers and
+engine. Three things differ.
+
+**The actor worker.** DisCO's step objective couples all answers of a question and, with ``kl_unit: step``, all
+answers of an optimizer step, while verl's loss hook sees one micro-batch on one rank. Before each mini-batch,
+DisCO's training worker (:mod:`recipe.disco.worker`, a subclass of verl's ``TrainingWorker``) computes the exact
+coefficients dL/d(score, KL sum) of every answer from the mini-batch's per-answer scalars at the current
+parameters (gathered over the data-parallel ranks) and hands them to the loss as per-token weights, so that any
+micro-batching (fixed sizes, token budgets, Ulysses) on any number of ranks accumulates exactly grad L.
 
 **Which trainer, and why.** It runs verl's default v1 trainer in ``sync`` mode (``verl.trainer.ppo.v1``
-``PPOTrainerSync``), subclassed as :class:`recipe.disco.trainer.DisCOTrainer`. The DisCO loss couples all
-answers of a question, but verl's loss hook sees one micro-batch on one rank, and the stock v1 trainer pads the
-batch and Karmarkar-Karp-partitions its rows over ranks, scattering each question's answers over ranks and
-micro-batches. The subclass replaces that one step (``_balance_batch``) with a layout that keeps every group
-whole in each *global micro-batch* (the same-index micro-batches of all ranks, over which the loss gathers its
-per-answer scalars) and balances tokens over ranks by moving answers within a global micro-batch
-(:mod:`recipe.disco.grouping`). The v1 trainer is used rather than the deprecated v0 ``RayPPOTrainer``
-because it is verl's default and maintained path, and because its ``_balance_batch`` runs on every step at the
-one point where the whole batch order is decided (TransferQueue keys), before old log-probs, advantages and the
-update, so one override makes all later splits (dispatch, mini-batches, micro-batches) follow. The trainer is
-built by :class:`recipe.disco.trainer.DisCOTaskRunner`, passed to ``run_ppo``, because verl's ``TaskRunnerV1``
-takes its trainer from a registry whose ``sync`` entry cannot be re-registered.
+``PPOTrainerSync``), subclassed as :class:`recipe.disco.trainer.DisCOTrainer`, which maps the actor role to that
+worker and replaces ``_balance_batch``: verl's version Karmarkar-Karp-partitions rows over ranks, which scatters a
+question's answers over mini-batches (optimizer steps); DisCO's keeps every question in one mini-batch while
+balancing tokens over ranks (:mod:`recipe.disco.grouping`). The v1 trainer is used rather than the deprecated v0
+``RayPPOTrainer`` because it is verl's default and maintained path, and because its ``_balance_batch`` runs on
+every step at the one point where the whole batch order is decided (TransferQueue keys). The trainer is built by
+:class:`recipe.disco.trainer.DisCOTaskRunner`, passed to ``run_ppo``, because verl's ``TaskRunnerV1`` takes its
+trainer from a registry whose ``sync`` entry cannot be re-registered.
 
-**Refusals before anything starts.** :func:`recipe.disco.checks.check_config` stops the run, before Ray or any
-model starts, on every setting under which the layout cannot be exact (dynamic batch size, shuffled
-mini-batches, sequence parallelism, batch sizes that do not divide into whole groups, a reference model, ...),
-with one message per problem.
+**Checks before anything starts.** :func:`recipe.disco.checks.check_config` stops the run, before Ray or any model
+starts, on every setting that cannot train DisCO exactly (shuffled mini-batches, async trainer modes, a reference
+model, rollout corrections, batch sizes verl cannot cut, ...), with one message per problem; then
+:mod:`recipe.disco.preflight` checks the machine (data files, GPUs, rollout engine, credentials, disk, memory).
 
 ``DRY_RUN=1`` composes the config, runs verl's validation and the DisCO checks, prints the resolved config and
 exits without starting Ray (the launch scripts pass it through).
