@@ -396,14 +396,22 @@ def _rollout_name(config: DictConfig) -> str:
 def _rollout_package(config: DictConfig) -> tuple[str, str, str | None, str]:
     name = _rollout_name(config)
     module = name if name in ENGINES else None
-    return f"{ROLLOUT}.name", name, module, f'install it: pip install -e ".[{name}]" (verl[{name},fsdp]==0.9.1)'
+    return (
+        f"{ROLLOUT}.name",
+        name,
+        module,
+        f'install it: pip install -e ".[{name}]" (verl[{name}]==0.9.1; docs/install.md)',
+    )
 
 
 def _attention_package(config: DictConfig) -> tuple[str, str, str | None, str]:
     override = config.actor_rollout_ref.model.get("override_config") or {}
     name = override.get("attn_implementation", DEFAULT_ATTENTION)
     plus = "" if "attn_implementation" in override else "+"
-    fix = f'install flash-attn (pip install -e ".[vllm]" brings it) or set {plus}{ATTN_KEY}=sdpa'
+    fix = (
+        'install flash-attn 2.8.3 after torch (pip install --no-build-isolation "flash-attn==2.8.3", or a prebuilt '
+        f"wheel: docs/install.md), or set {plus}{ATTN_KEY}=sdpa with actor_rollout_ref.model.use_remove_padding=False"
+    )
     return ATTN_KEY, name, ATTENTION_PACKAGES.get(name), fix
 
 
