@@ -1,16 +1,18 @@
-"""Test support: verl's real actor update on CPU, one process per data-parallel rank, checked against float64.
+"""Test support: verl's real actor update on CPU, one process per rank, checked against float64.
 
 Each rank builds DisCO's actor worker (``recipe.disco.worker.DisCOActorRolloutRefWorker``: verl's hybrid worker,
 FSDP2 engine over gloo, the tiny offline Qwen2 of ``recipe.disco.cpu.tiny``) from the recipe's Hydra config, and
 feeds it one training step the way verl's v1 trainer does: a step batch of questions x answers in TransferQueue's
 row format (jagged prompts/responses, verl's padding rows), laid out by the trainer's whole-question layout
-(``recipe.disco.trainer`` / ``grouping``), its contiguous share per rank, old log-probs from the worker's own
-``compute_log_prob``, answer codes from the registered ``disco`` estimator, then ``update_actor`` with the
-trainer's meta-information. The engine's ``optimizer_step`` is wrapped to record, for every optimizer step, the
-parameters and the accumulated (FSDP-averaged) gradient before clipping.
+(``recipe.disco.trainer`` / ``grouping``), its contiguous share per data-parallel group (every Ulysses rank of a
+group gets the group's share), old log-probs from the worker's own ``compute_log_prob``, answer codes from the
+registered ``disco`` estimator, then ``update_actor`` with the trainer's meta-information. The engine's
+``optimizer_step`` is wrapped to record, for every optimizer step, the parameters and the accumulated
+(FSDP-averaged) gradient before clipping. Ulysses sequence parallelism needs :func:`install_cpu_varlen_attention`
+in every rank.
 
 :func:`reference_gradients` recomputes each optimizer step's gradient independently: a float64 copy of the model
-with the recorded parameters, log-probs of that mini-batch's answers (all ranks' rows) by a plain forward pass,
+with the recorded parameters, log-probs of that mini-batch's answers (all groups' rows) by a plain forward pass,
 pi_old from the parameters before the first step, and L from ``tests/disco_reference.py`` (literal loops).
 """
 
@@ -204,6 +206,53 @@ def allow_float64_engine() -> None:
     PrecisionType.to_dtype = staticmethod(with_fp64)
 
 
+CPU_VARLEN_ATTENTION = "varlen_sdpa"  # without "flash" in the name, transformers does not look for flash-attn
+
+
+def install_cpu_varlen_attention() -> None:
+    """Let ``attn_implementation=varlen_sdpa`` run transformers' flash-attention path on CPU, for Ulysses.
+
+    verl inserts Ulysses's all-to-alls only into that path (``apply_monkey_patch`` wraps
+    ``transformers.integrations.flash_attention._flash_attention_forward``); sdpa and eager attention never reach
+    them, so under Ulysses each rank would attend within its own slice of the packed sequence only. The path itself
+    (``flash_attention_forward``, verl's wrapper, transformers' packed-sequence dispatch from position ids) runs
+    unchanged; only flash-attn's CUDA kernels are replaced, by causal sdpa per packed sequence, which is where
+    ``lazy_import_flash_attention`` would have put them.
+    """
+    import transformers.modeling_flash_attention_utils as flash_utils
+    from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(CPU_VARLEN_ATTENTION, flash_attention_forward)
+    AttentionMaskInterface.register(CPU_VARLEN_ATTENTION, flash_attention_mask)
+    flash_utils._loaded_implementation = CPU_VARLEN_ATTENTION
+    flash_utils._flash_fn, flash_utils._flash_varlen_fn = _causal_attention, _varlen_causal_attention
+    flash_utils._pad_fn, flash_utils._unpad_fn = flash_utils._pad_input, flash_utils._unpad_input
+    flash_utils._process_flash_kwargs_fn = flash_utils._lazy_define_process_function(_varlen_causal_attention)
+
+
+def _causal_attention(q, k, v, causal: bool, softmax_scale: float | None) -> torch.Tensor:
+    """flash-attn's ``flash_attn_func``: (batch, seq, heads, dim), fewer key/value heads than query heads allowed."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def _varlen_causal_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool, softmax_scale: float | None):
+    """flash-attn's ``flash_attn_varlen_func`` for packed sequences: (tokens, heads, dim), each sequence alone."""
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k), "queries and keys are the same packed sequences here"
+    bounds = cu_seqlens_q.tolist()
+    return torch.cat(
+        [
+            _causal_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
+            for a, b in zip(bounds, bounds[1:])
+        ]
+    )
+
+
 def build_worker(config):
     from recipe.disco.worker import DisCOActorRolloutRefWorker
 
@@ -214,22 +263,29 @@ def build_worker(config):
 
 
 def update_one_step(worker, config, step: StepBatch, rank: int, world: int, temperature: float) -> Recorder:
-    """Old log-probs, codes and ``update_actor`` for this rank's share of ``step``, as verl's v1 trainer does."""
+    """Old log-probs, codes and ``update_actor`` for this rank's share of ``step``, as verl's v1 trainer does.
+
+    The trainer's dispatch splits the step over the data-parallel groups; every rank of a group gets the group's
+    share. Under Ulysses a group is ``world / dp`` consecutive ranks (verl's ("dp", "sp") mesh), and only its first
+    rank returns outputs, which the trainer then dispatches to all of them: so do the old log-probs here.
+    """
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import response_from_nested, response_to_nested
 
-    from recipe.disco.checks import coefficients_in_loss
+    from recipe.disco.checks import actor_dp_size, coefficients_in_loss
     from recipe.disco.worker import COEFFICIENTS_IN_LOSS
 
-    share = len(step) // world
-    mine = step.rows(range(rank * share, (rank + 1) * share))
+    dp = actor_dp_size(config)
+    share = len(step) // dp
+    first = rank // (world // dp) * share
+    mine = step.rows(range(first, first + share))
     probe = to_tensordict(mine)
     tu.assign_non_tensor(probe, calculate_entropy=False, compute_loss=False, temperature=temperature)
-    log_probs = worker.compute_log_prob(probe)["log_probs"]
+    log_probs = _from_first_rank_of_group(worker.compute_log_prob(probe), worker.actor.engine)["log_probs"]
 
     batch = to_tensordict(mine)
     batch["old_log_probs"] = response_from_nested(log_probs, batch["response_mask"])
-    codes = estimator_codes(step, config.algorithm)[rank * share : (rank + 1) * share]
+    codes = estimator_codes(step, config.algorithm)[first : first + share]
     batch["advantages"] = response_to_nested(codes, batch["response_mask"])
     rows = config.actor_rollout_ref.actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
     tu.assign_non_tensor(
@@ -260,14 +316,24 @@ def update_one_step(worker, config, step: StepBatch, rank: int, world: int, temp
     return recorder
 
 
-def mini_batch_rows(step_len: int, world: int, mini_batch_rows: int, index: int) -> list[int]:
-    """Positions (in dispatch order) of mini-batch ``index``: each rank's contiguous slice of its share."""
-    share, part = step_len // world, mini_batch_rows // world
-    return [rank * share + index * part + i for rank in range(world) for i in range(part)]
+def _from_first_rank_of_group(output, engine):
+    """``output`` of the first rank of this rank's Ulysses group, on every rank of the group."""
+    if engine.ulysses_parallel_group is None:
+        return output
+    box = [output]
+    torch.distributed.broadcast_object_list(box, group=engine.ulysses_parallel_group, group_src=0)
+    return box[0]
+
+
+def mini_batch_rows(step_len: int, dp_size: int, mini_batch_rows: int, index: int) -> list[int]:
+    """Positions (in dispatch order) of mini-batch ``index``: each data-parallel group's contiguous slice of its
+    share."""
+    share, part = step_len // dp_size, mini_batch_rows // dp_size
+    return [group * share + index * part + i for group in range(dp_size) for i in range(part)]
 
 
 def reference_gradients(
-    model_dir: str, recorder: Recorder, step: StepBatch, config, world: int, temperature: float
+    model_dir: str, recorder: Recorder, step: StepBatch, config, dp_size: int, temperature: float
 ) -> list[dict[str, torch.Tensor]]:
     """For each recorded optimizer step j: the float64 gradient of L over mini-batch j's questions at the recorded
     parameters, pi_old being the parameters before the first step (tests/disco_reference.py computes L)."""
@@ -279,7 +345,7 @@ def reference_gradients(
     rows_per_mini_batch = config.actor_rollout_ref.actor.ppo_mini_batch_size * n
     gradients = []
     for j, params in enumerate(recorder.params):
-        rows = step.rows(mini_batch_rows(len(step), world, rows_per_mini_batch, j))
+        rows = step.rows(mini_batch_rows(len(step), dp_size, rows_per_mini_batch, j))
         _load(model, recorder.params[0])
         with torch.no_grad():
             old = _response_log_probs(model, rows, temperature)
