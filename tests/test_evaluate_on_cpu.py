@@ -1,10 +1,13 @@
-"""The evaluation table (recipe/disco/evaluate.py) on validation outputs recorded by verl's own writers, and a dry
-run of run_eval.sh.
+"""The evaluation table (recipe/disco/evaluate.py) on validation outputs recorded by verl's own writers, a dry
+run of run_eval.sh, the checks of a checkpoint to evaluate, and run_eval.sh on a trained checkpoint.
 
 A simulated validation (known correct/wrong pattern per sample) is scored by the real reward function and
 recorded exactly as verl's v1 trainer records it: the generations file by ``PPOTrainer._write_generations`` and
 the metrics by ``PPOTrainer._val_metrics_update`` logged through verl's ``FileLogger``. Expected pass@k values
 come from enumerating every k-subset of each problem's samples.
+
+The checkpoint is the shared training run's (``trained_run`` in conftest.py: main_disco, 2 steps, 2 ranks, FSDP2):
+the checks run on broken copies of it, and run_eval.sh evaluates it on 1 rank.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +26,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose_disco
+from e2e_utils import N_GPUS, TRAINED_STEPS, cached_tiny_build
+from safetensors.torch import load_file
+from torch.distributed.tensor import Shard
 
 from recipe.disco import data, evaluate
 from recipe.disco.reward import compute_score_with_info
@@ -245,6 +253,7 @@ def test_run_eval_dry_run_composes_and_validates(eval_data, tmp_path):
     env = {
         **os.environ,
         "DRY_RUN": "1",
+        "DISCO_IGNORE_PREFLIGHT": "1",  # the preflight checks this machine (vllm, flash-attn), not the config
         "PYTHON": sys.executable,
         "DISCO_DATA_DIR": str(eval_data),
         "OUTPUT_DIR": str(tmp_path / "eval"),
@@ -290,22 +299,142 @@ def test_run_eval_without_data_says_what_to_do(tmp_path):
     assert result.returncode == 1 and "prepare_data.sh" in result.stderr
 
 
-def test_run_eval_end_to_end_on_cpu(tmp_path):
-    """run_eval.sh through verl's real validation-only run: the CPU backend's tiny model on six 3-problem benchmarks
-    (the tiny task's rows under the six data_source names), 2 samples each; the table agrees with the pass@1 that
-    verl itself logs (val-core/<data_source>/acc/mean@2, captured by verl's file logger)."""
-    tiny = pytest.importorskip("recipe.disco.cpu.tiny")
+# ------------------------------------------------------------------ a trained checkpoint
+
+
+def trained_checkpoint(trained_run) -> Path:
+    return trained_run["checkpoint_dir"] / f"global_step_{TRAINED_STEPS}"
+
+
+def broken_copy(trained_run, tmp_path: Path, breakage: str) -> tuple[Path, str]:
+    """A copy of the trained checkpoint broken as named; returns (the CHECKPOINT to pass, text the error must say)."""
+    checkpoint = tmp_path / "run" / "checkpoints" / f"global_step_{TRAINED_STEPS}"
+    shutil.copytree(trained_checkpoint(trained_run), checkpoint)
+    actor = checkpoint / "actor"
+    if breakage == "no such folder":
+        return tmp_path / "nowhere", "no such folder"
+    if breakage == "actor folder given":
+        return actor, f"pass CHECKPOINT={checkpoint}"
+    if breakage == "checkpoints folder given":  # the latest by step number, not by name: 10 sorts before 2
+        shutil.copytree(checkpoint, checkpoint.parent / "global_step_10")
+        return checkpoint.parent, f"the latest CHECKPOINT={checkpoint.parent / 'global_step_10'}"
+    if breakage == "Hugging Face folder given":
+        return actor / "huggingface", f"MODEL_PATH={actor / 'huggingface'} and no CHECKPOINT"
+    if breakage == "not FSDP":
+        (actor / evaluate.FSDP_CONFIG).unlink()
+        return checkpoint, "not an FSDP checkpoint"
+    if breakage == "world size unreadable":
+        (actor / evaluate.FSDP_CONFIG).write_text('{"FSDP_version": 2}')
+        return checkpoint, "world_size=unreadable (KeyError: 'world_size'), not a positive integer"
+    if breakage == "shard missing":
+        (actor / f"model_world_size_{N_GPUS}_rank_1.pt").unlink()
+        return checkpoint, f"world_size={N_GPUS}, but {actor} lacks model_world_size_{N_GPUS}_rank_1.pt"
+    if breakage == "config missing":
+        (actor / "huggingface" / "config.json").unlink()
+        return checkpoint, f"{actor / 'huggingface'} lacks config.json"
+    raise ValueError(breakage)
+
+
+BREAKAGES = [
+    "no such folder",
+    "actor folder given",
+    "checkpoints folder given",
+    "Hugging Face folder given",
+    "not FSDP",
+    "world size unreadable",
+    "shard missing",
+    "config missing",
+]
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_checkpoint_that_cannot_be_merged_is_refused_before_anything_runs(
+    breakage, trained_run, eval_data, tmp_path, capsys, monkeypatch
+):
+    checkpoint, says = broken_copy(trained_run, tmp_path, breakage)
+    monkeypatch.setattr(evaluate.subprocess, "run", lambda *a, **k: pytest.fail(f"launched {a}"))
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(eval_data), "--output-dir", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert f"error: CHECKPOINT={checkpoint}" in error and says in error, error
+    assert not out.exists()
+
+
+def test_run_eval_refuses_a_checkpoint_with_a_model_path(trained_run, eval_data, tmp_path):
+    """MODEL_PATH and CHECKPOINT together are ambiguous; CHECKPOINT alone does not pass MODEL_PATH's default (a
+    broken checkpoint gets its own message, not this one)."""
+    checkpoint = trained_checkpoint(trained_run)
+    env = {**os.environ, "PYTHON": sys.executable, "DISCO_DATA_DIR": str(eval_data), "OUTPUT_DIR": str(tmp_path)}
+    env.pop("MODEL_PATH", None)
+    script = ["bash", str(REPO / "recipe/disco/run_eval.sh")]
+    both = subprocess.run(
+        script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "MODEL_PATH": "m", "CHECKPOINT": str(checkpoint)},
+    )
+    assert both.returncode == 2
+    assert f"MODEL_PATH=m (--model-path) and CHECKPOINT={checkpoint} (--checkpoint)" in both.stderr
+    assert "unset MODEL_PATH" in both.stderr
+    actor = subprocess.run(
+        script, capture_output=True, text=True, timeout=300, env={**env, "CHECKPOINT": str(checkpoint / "actor")}
+    )
+    assert actor.returncode == 1 and f"pass CHECKPOINT={checkpoint}" in actor.stderr, actor.stderr
+
+
+def test_dry_run_checks_the_checkpoint_but_merges_nothing(trained_run, eval_data, tmp_path, monkeypatch):
+    launched = []
+
+    def record(command, **_):
+        launched.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(evaluate.subprocess, "run", record)
+    monkeypatch.setenv("DRY_RUN", "1")
+    out, checkpoint = tmp_path / "eval", trained_checkpoint(trained_run)
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(eval_data), "--output-dir", str(out)]) == 0
+    [command] = launched  # main_disco only, no model merger
+    assert command[1:3] == ["-m", "recipe.disco.main_disco"]
+    assert f"actor_rollout_ref.model.path='{out / evaluate.MERGED_MODEL_DIR}'" in command
+    assert not (out / evaluate.MERGED_MODEL_DIR).exists()
+
+
+def assert_merged_model_is_the_checkpoint(merged: Path, actor: Path) -> None:
+    """The merged weights are the checkpoint's, in bf16: every rank's shard (``Shard(0)``: rank r holds chunk r of
+    dim 0) is the matching chunk of the merged tensor, whose shape is the DTensor's global shape; a tied
+    ``lm_head`` is left out, as Hugging Face saves it. And they are not the base model's: training changed them."""
+    weights = load_file(merged / "model.safetensors")
+    shards = [
+        torch.load(actor / f"model_world_size_{N_GPUS}_rank_{rank}.pt", weights_only=False) for rank in range(N_GPUS)
+    ]
+    tied = {"lm_head.weight"} if json.loads((merged / "config.json").read_text()).get("tie_word_embeddings") else set()
+    assert set(weights) == set(shards[0]) - tied
+    for name, full in weights.items():
+        assert full.dtype == torch.bfloat16 and full.shape == shards[0][name].shape
+        for rank, shard in enumerate(shards):
+            assert shard[name].placements == (Shard(0),)
+            assert torch.equal(torch.chunk(full, N_GPUS, dim=0)[rank], shard[name].to_local().bfloat16()), name
+    base = load_file(cached_tiny_build().model_dir / "model.safetensors")
+    assert any(not torch.equal(full, base[name].bfloat16()) for name, full in weights.items())
+
+
+def test_run_eval_merges_a_two_rank_checkpoint_and_evaluates_it_on_one(trained_run, tmp_path):
+    """run_eval.sh with CHECKPOINT= the shared training run's 2-rank FSDP2 checkpoint and NGPUS_PER_NODE=1 (which
+    verl's own loading of the shards cannot do): the model merger's folder holds the trained weights and is the
+    model verl's real validation-only run evaluates (the CPU backend, six 3-problem benchmarks made of the tiny
+    task's rows under the six data_source names, 2 samples each); the table agrees with the pass@1 that verl itself
+    logs (val-core/<data_source>/acc/mean@2, captured by verl's file logger)."""
     import pyarrow.parquet as pq
 
-    build = tiny.build_tiny(tmp_path / "tiny", seed=0)
-    rows = pq.read_table(build.val_file).to_pylist()
+    rows = pq.read_table(cached_tiny_build().val_file).to_pylist()
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for i, name in enumerate(data.EVAL_DATASETS):
         data.write_parquet(
             [{**row, "data_source": name} for row in rows[3 * i : 3 * i + 3]], data_dir / f"{name}.parquet"
         )
-    out, log = tmp_path / "eval", tmp_path / "metrics.jsonl"
+    checkpoint, out, log = trained_checkpoint(trained_run), tmp_path / "eval", tmp_path / "metrics.jsonl"
     env = {
         **os.environ,
         "DISCO_CPU_BACKEND": "1",
@@ -313,16 +442,16 @@ def test_run_eval_end_to_end_on_cpu(tmp_path):
         "PYTHON": sys.executable,
         "DISCO_DATA_DIR": str(data_dir),
         "OUTPUT_DIR": str(out),
-        "MODEL_PATH": str(build.model_dir),
-        "LABEL": "tiny",
+        "CHECKPOINT": str(checkpoint),
+        "LABEL": "trained",
         "N_SAMPLES": "2",
         "RESPONSE_LENGTH": "16",
         "PROMPT_LENGTH": "64",
         "NGPUS_PER_NODE": "1",
     }
-    cpu = [  # the CPU backend's settings (tests/e2e_utils.py), for a validation-only run
+    env.pop("MODEL_PATH", None)
+    cpu = [  # the CPU backend's settings (recipe/disco/cpu/launch.py), for a validation-only run
         "actor_rollout_ref.rollout.name=hf",
-        "actor_rollout_ref.actor.strategy=fsdp2",
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "actor_rollout_ref.model.use_remove_padding=False",
         "actor_rollout_ref.rollout.agent.num_workers=1",
@@ -350,7 +479,11 @@ def test_run_eval_end_to_end_on_cpu(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             returncode = "timeout"
-    assert returncode == 0, (tmp_path / "run.log").read_text()[-5000:]
+    run_log = (tmp_path / "run.log").read_text()
+    assert returncode == 0, run_log[-5000:]
+    merged = out / evaluate.MERGED_MODEL_DIR
+    assert_merged_model_is_the_checkpoint(merged, checkpoint / "actor")
+    assert f"actor_rollout_ref.model.path='{merged}'" in run_log and "trainer.n_gpus_per_node=1" in run_log
     records = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert [r["metric"] for r in records] == ["pass@1", "pass@2"] and list(records[0])[1:] == PAPER_ORDER
     table = evaluate.table_from_generations(evaluate.read_jsonl(out / "generations" / "0.jsonl"))
@@ -358,4 +491,4 @@ def test_run_eval_end_to_end_on_cpu(tmp_path):
     verl_pass_at_1 = evaluate.table_from_metrics(evaluate.last_validation_metrics(evaluate.read_jsonl(log)))
     assert verl_pass_at_1.pass_at[1] == pytest.approx(table.pass_at[1])
     assert {c: float(records[0][c]) for c in PAPER_ORDER[:6]} == pytest.approx(table.pass_at[1], abs=1e-6)
-    assert "| tiny |" in (out / "results.md").read_text()
+    assert "| trained |" in (out / "results.md").read_text()

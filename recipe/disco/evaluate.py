@@ -14,6 +14,13 @@ problem sampled ``--n-samples`` times (16) at temperature 0.6, top_p 0.95, up to
 The table builders are separate: ``--from-generations FILE`` builds the table from a saved generations file (no
 model run) and ``--from-metrics FILE`` from a verl file-logger log (``val-core/<data_source>/acc/mean@N``, pass@1
 only), e.g. of a training run.
+
+``--checkpoint .../global_step_N`` (instead of ``--model-path``) evaluates a checkpoint of a training run: its
+sharded FSDP weights are first merged into a Hugging Face folder, ``--output-dir``/merged_model, by verl's model
+merger (``python -m verl.model_merger merge --backend fsdp``; bf16 weights, the config and tokenizer from the
+checkpoint's ``actor/huggingface``), which is then evaluated like any model. The merged folder loads on any number
+of GPUs, whereas verl's own loading of the shards (``trainer.resume_from_path``) needs the training run's world
+size and fails only after Ray has started. The checkpoint's layout is checked before anything runs.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -46,6 +54,10 @@ COLUMNS = {
 }
 AVERAGE = "Avg"
 GENERATIONS_DIR = "generations"
+MERGED_MODEL_DIR = "merged_model"
+# what verl's FSDP checkpoint manager writes into global_step_N/actor, and what its model merger reads
+FSDP_CONFIG = "fsdp_config.json"
+HF_FILES = ("config.json", "tokenizer_config.json")
 PAPER_N_SAMPLES = 16
 # verl's headline validation metric; data sources may contain slashes (e.g. lighteval/MATH)
 _CORE_MEAN = re.compile(r"^val-core/(?P<source>.+)/(?P<var>acc|reward)/mean@(?P<n>\d+)$")
@@ -254,35 +266,93 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
         f"trainer.validation_data_dir={_quoted(args.output_dir / GENERATIONS_DIR)}",
         "trainer.logger=[console]",
         "trainer.experiment_name=disco-eval",
+        "trainer.resume_mode=disable",  # a checkpoint is merged into --model-path first
     ]
-    if args.checkpoint:
-        overrides += ["trainer.resume_mode=resume_path", f"trainer.resume_from_path={_quoted(args.checkpoint)}"]
-    else:
-        overrides.append("trainer.resume_mode=disable")
     return overrides
 
 
+class CheckpointError(ValueError):
+    """A ``--checkpoint`` folder that verl's FSDP model merger cannot read; the message says what to pass instead."""
+
+
+def fsdp_actor_dir(checkpoint: Path) -> Path:
+    """The ``actor`` folder of a verl FSDP checkpoint ``.../global_step_N``, checked to hold what the model merger
+    reads: ``fsdp_config.json`` (the world size W), the W model shards and the Hugging Face config and tokenizer."""
+    key = f"CHECKPOINT={checkpoint}"
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{key}: no such folder; pass a checkpoint folder .../checkpoints/global_step_N")
+    actor = checkpoint / "actor"
+    if not actor.is_dir():
+        raise CheckpointError(f"{key} is not a verl checkpoint (no actor/ folder); {_checkpoint_hint(checkpoint)}")
+    fsdp_config = actor / FSDP_CONFIG
+    if not fsdp_config.is_file():
+        raise CheckpointError(
+            f"{key}: {fsdp_config} is missing, so this is not an FSDP checkpoint (verl's FSDP engine writes it next "
+            f"to the shards); merge another backend's checkpoint with `python -m verl.model_merger merge --backend "
+            f"megatron --local_dir {actor} --target_dir DIR` and evaluate MODEL_PATH=DIR"
+        )
+    world_size = _world_size(fsdp_config, key)
+    missing = [rank for rank in range(world_size) if not (actor / _shard_name(world_size, rank)).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{key}: {fsdp_config} says world_size={world_size}, but {actor} lacks "
+            f"{', '.join(_shard_name(world_size, rank) for rank in missing)}; copy the whole checkpoint folder"
+        )
+    hf_dir = actor / "huggingface"
+    absent = [name for name in HF_FILES if not (hf_dir / name).is_file()]
+    if absent:
+        raise CheckpointError(
+            f"{key}: {hf_dir} lacks {', '.join(absent)}, which the merged model needs (verl saves the model config "
+            f"and tokenizer there); copy the training run's base model files (config.json, generation_config.json, "
+            f"tokenizer*) from its MODEL_PATH into {hf_dir}"
+        )
+    return actor
+
+
+def merge_checkpoint(actor: Path, target: Path) -> int:
+    """Merge the FSDP shards in ``actor`` into the Hugging Face folder ``target`` with verl's model merger; any
+    earlier content of ``target`` (another checkpoint's merge) is removed first."""
+    if target.exists():
+        shutil.rmtree(target)
+    command = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp"]
+    command += ["--local_dir", str(actor), "--target_dir", str(target)]
+    print("+ " + " ".join(command), flush=True)
+    return subprocess.run(command, check=False).returncode
+
+
 def run(args: argparse.Namespace) -> int:
-    """Generate with verl's validation path, then tabulate the saved generations."""
+    """Merge a checkpoint if given, generate with verl's validation path, then tabulate the saved generations."""
     missing = [str(args.data_dir / DATASETS[name].output) for name in EVAL_DATASETS]
     missing = [path for path in missing if not Path(path).is_file()]
     if missing:
         print(f"error: missing {missing}; run recipe/disco/prepare_data.sh first", file=sys.stderr)
         return 1
+    if args.checkpoint:
+        try:
+            actor = fsdp_actor_dir(args.checkpoint)
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        args.model_path = args.output_dir / MERGED_MODEL_DIR
+        if _dry_run():
+            print(f"DRY_RUN: not merging {actor} into {args.model_path}", flush=True)
+        elif (returncode := merge_checkpoint(actor, args.model_path)) != 0:
+            print(f"error: verl's model merger failed on {actor} (exit status {returncode})", file=sys.stderr)
+            return returncode
     generations = args.output_dir / GENERATIONS_DIR
     for stale in generations.glob("*.jsonl"):
         stale.unlink()
     command = [sys.executable, "-m", "recipe.disco.main_disco", *eval_overrides(args), *args.overrides]
     print("+ " + " ".join(command), flush=True)
     returncode = subprocess.run(command, check=False).returncode
-    if returncode != 0 or os.environ.get("DRY_RUN", "0") not in ("", "0"):
+    if returncode != 0 or _dry_run():
         return returncode
     dumps = sorted(generations.glob("*.jsonl"))
     if len(dumps) != 1:
         print(f"error: expected one generations file in {generations}, found {dumps}", file=sys.stderr)
         return 1
     expected = {name: _parquet_rows(args.data_dir / DATASETS[name].output) for name in EVAL_DATASETS}
-    label = args.label or args.checkpoint or args.model_path
+    label = str(args.label or args.checkpoint or args.model_path)
     table = table_from_generations(read_jsonl(dumps[0]), args.n_samples, expected, label)
     return _report(table, args.output_dir)
 
@@ -296,18 +366,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_metrics:
         metrics = last_validation_metrics(read_jsonl(args.from_metrics))
         return _report(table_from_metrics(metrics, label=args.label), args.output_dir)
-    if not args.model_path:
-        print("error: --model-path is required (or --from-generations / --from-metrics)", file=sys.stderr)
+    if not args.model_path and not args.checkpoint:
+        print("error: --model-path or --checkpoint is required (or --from-generations/--from-metrics)", file=sys.stderr)
+        return 2
+    if args.model_path and args.checkpoint:
+        print(
+            f"error: MODEL_PATH={args.model_path} (--model-path) and CHECKPOINT={args.checkpoint} (--checkpoint) are "
+            f"both set; a checkpoint brings its own model config and tokenizer (actor/huggingface): unset MODEL_PATH",
+            file=sys.stderr,
+        )
         return 2
     args.data_dir = args.data_dir.expanduser()
+    if args.checkpoint:
+        args.checkpoint = args.checkpoint.expanduser()
     args.n_samples = args.n_samples or PAPER_N_SAMPLES
     return run(args)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", help="Hugging Face model id or folder (the base model of --checkpoint)")
-    parser.add_argument("--checkpoint", help="a verl checkpoint folder .../global_step_N to load into the model")
+    parser.add_argument("--model-path", help="Hugging Face model id or folder")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="or a verl FSDP checkpoint .../global_step_N, merged into OUTPUT_DIR first"
+    )
     parser.add_argument("--data-dir", type=Path, default=default_output_dir(), help="prepare_data.sh's output")
     parser.add_argument("--output-dir", type=Path, default=Path("disco_eval"), help="results and generations")
     parser.add_argument("--label", default="", help="row label in results.md (default: the model path)")
@@ -324,6 +405,44 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-metrics", type=Path, help="tabulate pass@1 from a verl file-logger log")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for recipe.disco.main_disco")
     return parser
+
+
+def _dry_run() -> bool:
+    return os.environ.get("DRY_RUN", "0") not in ("", "0")
+
+
+def _checkpoint_hint(folder: Path) -> str:
+    """What to pass instead of a folder without actor/: its parent, its latest global_step_N, or MODEL_PATH."""
+    if (folder / FSDP_CONFIG).is_file() or any(folder.glob("model_world_size_*_rank_*.pt")):
+        return f"this is the actor folder inside one: pass CHECKPOINT={folder.parent}"
+    steps = sorted(folder.glob("global_step_*"), key=lambda step: _step_number(step.name))
+    if steps:
+        return f"it holds checkpoints: pass one of them, e.g. the latest CHECKPOINT={steps[-1]}"
+    if (folder / "config.json").is_file():
+        return f"it is a Hugging Face model folder: evaluate it with MODEL_PATH={folder} and no CHECKPOINT"
+    return "pass a folder .../checkpoints/global_step_N written by verl's trainer (trainer.save_freq)"
+
+
+def _step_number(name: str) -> int:
+    suffix = name.removeprefix("global_step_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _world_size(fsdp_config: Path, key: str) -> int:
+    try:
+        world_size = json.loads(fsdp_config.read_text())["world_size"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        world_size = f"unreadable ({type(error).__name__}: {error})"
+    if not isinstance(world_size, int) or world_size < 1:
+        raise CheckpointError(
+            f"{key}: {fsdp_config} gives world_size={world_size}, not a positive integer; the checkpoint is damaged, "
+            f"copy it again from the training run"
+        )
+    return world_size
+
+
+def _shard_name(world_size: int, rank: int) -> str:
+    return f"model_world_size_{world_size}_rank_{rank}.pt"
 
 
 def _report(table: EvalTable, output_dir: Path) -> int:
