@@ -203,6 +203,6 @@ def test_breaking_the_coefficients_or_the_layout_is_detected(results, sabotage):
         pytest.skip("the sabotaged runs use 2 ranks")
     (run,) = [result for result in results[1] if result["sabotage"] == sabotage]
     if sabotage == "split_question":
-        assert "incomplete answer groups" in run.get("error", ""), run
+        assert "incomplete or duplicated answer groups" in run.get("error", ""), run
     else:
         assert max(run["errors"]) > 1e-3, run

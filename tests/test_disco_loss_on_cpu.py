@@ -209,9 +209,9 @@ def test_a_split_group_is_refused(configs):
     advantages = estimator_codes(batch, cfg.algorithm)
     keep = np.flatnonzero(batch.uids != batch.uids[0])
     keep = np.concatenate([keep, np.flatnonzero(batch.uids == batch.uids[0])[:2]])
-    with pytest.raises(RuntimeError, match="incomplete answer groups.*main_disco"):
+    with pytest.raises(RuntimeError, match="incomplete or duplicated answer groups.*main_disco"):
         call_loss(actor_cfg, batch.rows(keep), advantages[keep], global_batch_size=64)
-    with pytest.raises(RuntimeError, match="incomplete answer groups"):
+    with pytest.raises(RuntimeError, match="incomplete or duplicated answer groups"):
         weights_of(batch.rows(keep), advantages[keep], configs["disco", "logL", "step"][0], 8)
 
 

@@ -300,7 +300,7 @@ def test_without_the_layout_verl_splits_groups_and_the_loss_refuses(transfer_que
         assert_whole_groups(calls, [key.split("_")[0] for key in batch.keys])
     actor_cfg, _ = disco_actor_config(["actor_rollout_ref.actor.policy_loss.kl_unit=question"], rollout_n=N)
     real_rows = [(key.split("_")[0], int(key.split("_")[1])) for key in batch.keys]
-    with pytest.raises(RuntimeError, match="incomplete answer groups"):
+    with pytest.raises(RuntimeError, match="incomplete or duplicated answer groups"):
         loss_gradient(calls, LogProbs(real_rows, 64, 0), actor_cfg, shape)
 
 

@@ -100,9 +100,9 @@ def test_the_loss_computes_its_own_coefficients_only_where_global_micro_batches_
             "at least 1024",
         ),
         (
-            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-            "use_remove_padding=True with attn_implementation=sdpa",
-            "use_remove_padding=False",
+            "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",  # with sdpa (extra override)
+            "ulysses_sequence_parallel_size=2 with attn_implementation=sdpa",
+            "install flash-attn",
         ),
     ],
 )
@@ -113,6 +113,9 @@ def test_each_refused_setting_has_one_message_naming_key_value_and_fix(override,
             "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=false",
         ],
         "actor_rollout_ref.rollout.n=1": [f"{LOG_PROB_MICRO}=4"],  # 32 prompts x 1 answer / 8 ranks
+        "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2": [
+            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"
+        ],
     }
     problems = problems_with(override, *extra.get(override, []))
     assert len(problems) == 1, problems

@@ -22,6 +22,7 @@ from recipe.disco.objective import DISCO
 SUPPORTED_VERL = "0.9.1"
 ACTOR = "actor_rollout_ref.actor"
 FSDP_STRATEGIES = ("fsdp", "fsdp2")
+DEFAULT_ATTENTION = "flash_attention_2"  # verl's default attn_implementation (verl/workers/config/model.py)
 
 
 class DisCOConfigError(ValueError):
@@ -31,7 +32,7 @@ class DisCOConfigError(ValueError):
 def actor_dp_size(config: DictConfig) -> int:
     """Data-parallel size of the actor (all GPUs of the global pool, divided by Ulysses sequence parallelism)."""
     world = config.trainer.n_gpus_per_node * config.trainer.nnodes
-    return world // max(_ulysses_size(config), 1)
+    return world // max(ulysses_size(config), 1)
 
 
 def coefficients_in_loss(config: DictConfig) -> bool:
@@ -43,7 +44,7 @@ def coefficients_in_loss(config: DictConfig) -> bool:
     return (
         actor.policy_loss.kl_unit == "question"
         and not actor.use_dynamic_bsz
-        and _ulysses_size(config) == 1
+        and ulysses_size(config) == 1
         and bool(m)
         and (dp * m) % n == 0
         and (actor.ppo_mini_batch_size * n) % (dp * m) == 0
@@ -59,7 +60,8 @@ def update_shape(config: DictConfig) -> UpdateShape:
     return UpdateShape(dp_size=dp, mini_batch_rows=mini_batch_rows, unit_rows=unit_rows)
 
 
-def _ulysses_size(config: DictConfig) -> int:
+def ulysses_size(config: DictConfig) -> int:
+    """The actor's Ulysses sequence-parallel size (verl reads fsdp_config's key; the actor-level one is deprecated)."""
     actor, key = config.actor_rollout_ref.actor, "ulysses_sequence_parallel_size"
     return max(actor.get(key, 1), actor.fsdp_config.get(key, 1))
 
@@ -109,12 +111,15 @@ def _setting_problems(config: DictConfig) -> list[str]:
             f"{ACTOR}.strategy={actor.strategy}: DisCO's actor worker extends verl's FSDP training worker; "
             f"set {ACTOR}.strategy=fsdp2"
         )
-    attention = (config.actor_rollout_ref.model.get("override_config") or {}).get("attn_implementation")
-    if attention in ("sdpa", "eager") and config.actor_rollout_ref.model.use_remove_padding:
+    attention = (config.actor_rollout_ref.model.get("override_config") or {}).get(
+        "attn_implementation", DEFAULT_ATTENTION
+    )
+    if ulysses_size(config) > 1 and "flash" not in attention:
         problems.append(
-            f"actor_rollout_ref.model.use_remove_padding=True with attn_implementation={attention}: packed sequences "
-            "attend across their boundaries without flash-attention's variable-length kernel, which corrupts the "
-            "log-probs; set actor_rollout_ref.model.use_remove_padding=False (or install flash-attn)"
+            f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size={ulysses_size(config)} with "
+            f"attn_implementation={attention}: verl inserts Ulysses' all-to-all only into transformers' "
+            "flash-attention path, so each rank would attend within its own slice of the sequence and the log-probs "
+            "would be wrong; install flash-attn (docs/install.md) or set ulysses_sequence_parallel_size=1"
         )
     if config.actor_rollout_ref.rollout.n < 2:
         problems.append(
@@ -167,7 +172,7 @@ def _batch_problems(config: DictConfig) -> list[str]:
             rollout.log_prob_max_token_len_per_gpu,
         ),
     ]
-    sp = _ulysses_size(config)
+    sp = ulysses_size(config)
     for key, dynamic, budget in budgets:
         if dynamic and budget * sp < longest:
             problems.append(

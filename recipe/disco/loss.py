@@ -77,9 +77,10 @@ def _answers(rows: torch.Tensor) -> tuple[obj.Answers, torch.Tensor]:
     if not torch.equal(counts, expected):
         split = (counts != expected).nonzero().flatten()[:3].tolist()
         raise RuntimeError(
-            f"DisCO received incomplete answer groups (question ids {ids[split].tolist()}: {counts[split].tolist()} "
-            f"of {expected[split].tolist()} answers). Each question's answers must be scored together; launch with "
-            "`python -m recipe.disco.main_disco`, which lays batches out in whole groups."
+            f"DisCO received incomplete or duplicated answer groups (question ids {ids[split].tolist()}: "
+            f"{counts[split].tolist()} answers where {expected[split].tolist()} were expected). Each question's "
+            "answers must be scored together, once; launch with `python -m recipe.disco.main_disco`, which lays "
+            "batches out in whole groups."
         )
     answers = obj.Answers(
         s=rows[real, 0],

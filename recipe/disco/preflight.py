@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipe.disco.checks import _ulysses_size
+from recipe.disco.checks import DEFAULT_ATTENTION, ulysses_size
 from recipe.disco.data import SCHEMA
 
 OK, PROBLEM, NOT_CHECKED = "ok", "PROBLEM", "not checked"
@@ -44,7 +44,6 @@ ROLLOUT = "actor_rollout_ref.rollout"
 ENGINES = ("vllm", "sglang")  # the rollout engines that reserve gpu_memory_utilization of each GPU
 ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
 # verl 0.9.1's default when override_config names none (verl/workers/config/model.py:185)
-DEFAULT_ATTENTION = "flash_attention_2"
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 GIB = 2**30
 # Not in the estimate's terms and not released by sleep mode: the CUDA contexts of the training and the rollout
@@ -220,7 +219,7 @@ def layout_from_config(config: DictConfig) -> Layout:
     world = trainer.nnodes * trainer.n_gpus_per_node
     fsdp_size = actor.fsdp_config.get("fsdp_size", -1)
     sequence = config.data.max_prompt_length + config.data.max_response_length
-    sp = max(_ulysses_size(config), 1)
+    sp = max(ulysses_size(config), 1)
     # with a dynamic batch size the budget is per GPU after the Ulysses split (verl/workers/engine/utils.py:108-111)
     if actor.use_dynamic_bsz:
         update_tokens = actor.ppo_max_token_len_per_gpu
@@ -410,7 +409,7 @@ def _attention_package(config: DictConfig) -> tuple[str, str, str | None, str]:
     plus = "" if "attn_implementation" in override else "+"
     fix = (
         'install flash-attn 2.8.3 after torch (pip install --no-build-isolation "flash-attn==2.8.3", or a prebuilt '
-        f"wheel: docs/install.md), or set {plus}{ATTN_KEY}=sdpa with actor_rollout_ref.model.use_remove_padding=False"
+        f"wheel: docs/install.md), or set {plus}{ATTN_KEY}=sdpa (not with Ulysses sequence parallelism)"
     )
     return ATTN_KEY, name, ATTENTION_PACKAGES.get(name), fix
 
