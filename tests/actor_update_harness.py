@@ -2,7 +2,8 @@
 
 Each rank builds DisCO's actor worker (``recipe.disco.worker.DisCOActorRolloutRefWorker``: verl's hybrid worker,
 FSDP2 engine over gloo, the tiny offline Qwen2 of ``recipe.disco.cpu.tiny``) from the recipe's Hydra config, and
-feeds it one training step the way verl's v1 trainer does: a step batch of questions x answers in TransferQueue's
+feeds it one training step the way verl's v1 trainer does (``recipe.disco.cpu.actor``, shared with the update
+benchmark): a step batch of questions x answers in TransferQueue's
 row format (jagged prompts/responses, verl's padding rows), laid out by the trainer's whole-question layout
 (``recipe.disco.trainer`` / ``grouping``), its contiguous share per data-parallel group (every Ulysses rank of a
 group gets the group's share), old log-probs from the worker's own ``compute_log_prob``, answer codes from the
@@ -20,121 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-SYNTHETIC_PADDING_LEN = 128  # verl.trainer.ppo.padding_utils.SYNTHETIC_PADDING_SEQ_LEN
-
-
-@dataclass
-class StepBatch:
-    """One training step's answers in dispatch order (after the layout), shared by all ranks."""
-
-    prompts: list[list[int]]
-    responses: list[list[int]]
-    rewards: list[float]
-    uids: list[str]
-    is_padding: list[bool]
-
-    def __len__(self) -> int:
-        return len(self.uids)
-
-    def rows(self, index) -> StepBatch:
-        pick = list(index)
-        return StepBatch(*([getattr(self, name)[i] for i in pick] for name in vars(self)))
-
-
-def random_step(
-    rng: np.random.Generator, prompts: list[list[int]], vocab: int, group_sizes: list[int], max_response: int
-) -> StepBatch:
-    """Questions with the given group sizes, random responses of 1..max_response tokens and 0/1 rewards that give
-    mixed, all-correct and all-wrong questions, in interleaved (completion-like) order."""
-    rows = []
-    for q, size in enumerate(group_sizes):
-        uid = str(uuid.UUID(int=int(rng.integers(2**63))))
-        p_correct = [0.5, 0.0, 1.0, 0.3][q % 4] if q < 4 else float(rng.uniform())
-        rewards = (rng.uniform(size=size) < p_correct).astype(float)
-        if 0 < p_correct < 1 and size > 1:  # keep it mixed
-            rewards[0], rewards[1] = 1.0, 0.0
-        for i in range(size):
-            length = int(rng.integers(1, max_response + 1))
-            response = rng.integers(3, vocab, size=length).tolist()  # no special tokens
-            rows.append((prompts[q % len(prompts)], response, float(rewards[i]), uid))
-    order = rng.permutation(len(rows))
-    rows = [rows[i] for i in order]
-    return StepBatch(
-        prompts=[r[0] for r in rows],
-        responses=[r[1] for r in rows],
-        rewards=[r[2] for r in rows],
-        uids=[r[3] for r in rows],
-        is_padding=[False] * len(rows),
-    )
-
-
-def pad_and_lay_out(step: StepBatch, config, eos_id: int) -> StepBatch:
-    """The trainer's layout: verl-style padding rows up to :func:`recipe.disco.grouping.padded_rows`, then the
-    whole-question order of ``recipe.disco.trainer``'s ``_balance_batch``."""
-    from recipe.disco.checks import update_shape
-    from recipe.disco.grouping import padded_rows, whole_group_order
-
-    shape = update_shape(config)
-    needed = padded_rows(step.uids, step.is_padding, shape)
-    pad_uid = "pad" + uuid.uuid4().hex
-    extra = needed - len(step)
-    padded = StepBatch(
-        prompts=step.prompts + [[eos_id] * (SYNTHETIC_PADDING_LEN - 1)] * extra,
-        responses=step.responses + [[eos_id]] * extra,
-        rewards=step.rewards + [0.0] * extra,
-        uids=step.uids + [pad_uid] * extra,
-        is_padding=step.is_padding + [True] * extra,
-    )
-    seq_lens = [len(p) + len(r) for p, r in zip(padded.prompts, padded.responses)]
-    return padded.rows(whole_group_order(padded.uids, seq_lens, padded.is_padding, shape))
-
-
-def to_tensordict(step: StepBatch):
-    """TransferQueue's row format (``verl.trainer.ppo.v1.agent_loop_tq``): jagged fields per answer."""
-    from tensordict import TensorDict
-
-    def jagged(rows: list[list[int]]) -> torch.Tensor:
-        return torch.nested.as_nested_tensor([torch.tensor(row) for row in rows], layout=torch.jagged)
-
-    sequences = [p + r for p, r in zip(step.prompts, step.responses)]
-    response_mask = jagged([[0 if padding else 1] * len(r) for r, padding in zip(step.responses, step.is_padding)])
-    fields = {
-        "prompts": jagged(step.prompts),
-        "responses": jagged(step.responses),
-        "input_ids": jagged(sequences),
-        "attention_mask": jagged([[1] * len(s) for s in sequences]),
-        "position_ids": jagged([list(range(len(s))) for s in sequences]),
-        "response_mask": response_mask,
-        "loss_mask": response_mask,
-    }
-    return TensorDict(fields, batch_size=[len(step)])
-
-
-def estimator_codes(step: StepBatch, algorithm_config) -> torch.Tensor:
-    """The registered ``disco`` estimator's advantages for the whole step (padded (N, L))."""
-    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
-
-    width = max(len(r) for r in step.responses)
-    mask = torch.zeros(len(step), width)
-    rewards = torch.zeros(len(step), width)
-    for i, (response, reward, padding) in enumerate(zip(step.responses, step.rewards, step.is_padding)):
-        if not padding:
-            mask[i, : len(response)] = 1
-            rewards[i, len(response) - 1] = reward
-    advantages, _ = get_adv_estimator_fn("disco")(
-        token_level_rewards=rewards,
-        response_mask=mask,
-        index=np.array(step.uids, dtype=object),
-        config=algorithm_config,
-    )
-    return advantages
+from recipe.disco.cpu import actor
+from recipe.disco.cpu.actor import StepBatch
 
 
 @dataclass
@@ -161,36 +54,9 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return full.detach().to(torch.float64).clone()
 
 
-def init_distributed(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DISCO_CPU_BACKEND="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-
-
 def compose_config(model_dir: str, world: int, overrides: list[str]):
-    """The recipe's config for the actor worker on CPU (FSDP2 over gloo, fp32, sdpa) plus ``overrides``."""
-    from conftest import compose_disco
-
-    return compose_disco(
-        [
-            f"actor_rollout_ref.model.path={model_dir}",
-            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-            "actor_rollout_ref.actor.strategy=fsdp2",
-            "actor_rollout_ref.actor.fsdp_config.model_dtype=fp64",
-            "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp64,reduce_dtype:fp64,buffer_dtype:fp64}",
-            "actor_rollout_ref.actor.use_torch_compile=False",
-            "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
-            f"trainer.n_gpus_per_node={world}",
-            *overrides,
-        ]
-    )
+    """The CPU worker config of ``recipe.disco.cpu.actor`` with the engine in float64."""
+    return actor.compose_config(model_dir, world, overrides, dtype="fp64")
 
 
 def allow_float64_engine() -> None:
@@ -254,51 +120,14 @@ def _varlen_causal_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool, 
 
 
 def build_worker(config):
-    from recipe.disco.worker import DisCOActorRolloutRefWorker
-
+    """DisCO's worker with the engine in float64 (:func:`allow_float64_engine`)."""
     allow_float64_engine()
-    worker = DisCOActorRolloutRefWorker(config=config.actor_rollout_ref, role="actor")
-    worker.init_model()
-    return worker
+    return actor.build_worker(config)
 
 
 def update_one_step(worker, config, step: StepBatch, rank: int, world: int, temperature: float) -> Recorder:
-    """Old log-probs, codes and ``update_actor`` for this rank's share of ``step``, as verl's v1 trainer does.
-
-    The trainer's dispatch splits the step over the data-parallel groups; every rank of a group gets the group's
-    share. Under Ulysses a group is ``world / dp`` consecutive ranks (verl's ("dp", "sp") mesh), and only its first
-    rank returns outputs, which the trainer then dispatches to all of them: so do the old log-probs here.
-    """
-    from verl.utils import tensordict_utils as tu
-    from verl.workers.utils.padding import response_from_nested, response_to_nested
-
-    from recipe.disco.checks import actor_dp_size, coefficients_in_loss
-    from recipe.disco.worker import COEFFICIENTS_IN_LOSS
-
-    dp = actor_dp_size(config)
-    share = len(step) // dp
-    first = rank // (world // dp) * share
-    mine = step.rows(range(first, first + share))
-    probe = to_tensordict(mine)
-    tu.assign_non_tensor(probe, calculate_entropy=False, compute_loss=False, temperature=temperature)
-    log_probs = _from_first_rank_of_group(worker.compute_log_prob(probe), worker.actor.engine)["log_probs"]
-
-    batch = to_tensordict(mine)
-    batch["old_log_probs"] = response_from_nested(log_probs, batch["response_mask"])
-    codes = estimator_codes(step, config.algorithm)[first : first + share]
-    batch["advantages"] = response_to_nested(codes, batch["response_mask"])
-    rows = config.actor_rollout_ref.actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
-    tu.assign_non_tensor(
-        batch,
-        calculate_entropy=False,
-        global_batch_size=rows,
-        mini_batch_size=rows,
-        epochs=1,
-        seed=0,
-        dataloader_kwargs={"shuffle": False},
-        temperature=temperature,
-        **{COEFFICIENTS_IN_LOSS: coefficients_in_loss(config)},
-    )
+    """``recipe.disco.cpu.actor.update`` (old log-probs, advantages, ``update_actor`` for this rank's share, as
+    verl's v1 trainer does), recording each optimizer step and counting the worker's extra forward passes."""
     recorder = Recorder()
     recorder.wrap(worker.actor.engine)
     forward = worker.actor._log_probs_at_current_parameters
@@ -309,20 +138,11 @@ def update_one_step(worker, config, step: StepBatch, rank: int, world: int, temp
 
     worker.actor._log_probs_at_current_parameters = counted
     try:
-        worker.update_actor(batch)
+        actor.update(worker, config, step, rank, world, temperature)
     finally:
         worker.actor._log_probs_at_current_parameters = forward
         del worker.actor.engine.optimizer_step  # back to the engine's own method
     return recorder
-
-
-def _from_first_rank_of_group(output, engine):
-    """``output`` of the first rank of this rank's Ulysses group, on every rank of the group."""
-    if engine.ulysses_parallel_group is None:
-        return output
-    box = [output]
-    torch.distributed.broadcast_object_list(box, group=engine.ulysses_parallel_group, group_src=0)
-    return box[0]
 
 
 def mini_batch_rows(step_len: int, dp_size: int, mini_batch_rows: int, index: int) -> list[int]:
@@ -407,20 +227,6 @@ def relative_error(recorded: dict[str, torch.Tensor], reference: dict[str, torch
     norm = sum(float((reference[k] ** 2).sum()) for k in reference)
     assert norm > 0, "a zero reference gradient cannot tell a right gradient from a wrong one"
     return (diff / norm) ** 0.5
-
-
-def install_loss_config(worker, config) -> None:
-    """Bind the worker's loss to ``config``'s actor section, as verl's ``init_model`` does
-    (``functools.partial(ppo_loss, config=ActorConfig)``); DisCO's worker reads its settings from there."""
-    from functools import partial
-
-    from verl.utils.config import omega_conf_to_dataclass
-    from verl.workers.utils.losses import ppo_loss
-
-    actor_config = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
-    actor_config.model_config = worker.loss_fn.keywords["config"].model_config
-    worker.loss_fn = partial(ppo_loss, config=actor_config)
-    worker.actor.set_loss_fn(worker.loss_fn)
 
 
 @contextlib.contextmanager

@@ -98,7 +98,9 @@ def _rank(rank: int, world: int, port: int, model_dir: str, results_file: str) -
     sys.path.insert(0, str(TESTS))
     import actor_update_harness as harness
 
-    harness.init_distributed(rank, world, port)
+    from recipe.disco.cpu import actor
+
+    actor.init_distributed(rank, world, port)
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -114,9 +116,9 @@ def _rank(rank: int, world: int, port: int, model_dir: str, results_file: str) -
         config = harness.compose_config(model_dir, world, _overrides(layout, kl_unit, objective, score))
         if built_for != layout:
             worker, built_for = harness.build_worker(config), layout
-        harness.install_loss_config(worker, config)
-        step = harness.random_step(np.random.default_rng(7), prompts, len(tokenizer), GROUP_SIZES, MAX_RESPONSE)
-        step = harness.pad_and_lay_out(step, config, tokenizer.eos_token_id)
+        actor.install_loss_config(worker, config)
+        step = actor.random_step(np.random.default_rng(7), prompts, len(tokenizer), GROUP_SIZES, MAX_RESPONSE)
+        step = actor.pad_and_lay_out(step, config, tokenizer.eos_token_id)
         result = {"layout": layout, "kl_unit": kl_unit, "objective": objective, "score": score, "sabotage": sabotage}
         started = time.monotonic()
         with harness.sabotaged(sabotage, worker) as break_layout:

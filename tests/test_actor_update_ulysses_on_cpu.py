@@ -33,7 +33,9 @@ def _rank(rank: int, port: int, model_dir: str, results_file: str) -> None:
     sys.path.insert(0, str(TESTS))
     import actor_update_harness as harness
 
-    harness.init_distributed(rank, WORLD, port)
+    from recipe.disco.cpu import actor
+
+    actor.init_distributed(rank, WORLD, port)
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -51,11 +53,11 @@ def _rank(rank: int, port: int, model_dir: str, results_file: str) -> None:
     for kl_unit, objective, score in CASES:
         config = harness.compose_config(model_dir, WORLD, exact._overrides(LAYOUT, kl_unit, objective, score) + ulysses)
         worker = worker or harness.build_worker(config)
-        harness.install_loss_config(worker, config)
-        step = harness.random_step(
+        actor.install_loss_config(worker, config)
+        step = actor.random_step(
             np.random.default_rng(7), prompts, len(tokenizer), exact.GROUP_SIZES, exact.MAX_RESPONSE
         )
-        step = harness.pad_and_lay_out(step, config, tokenizer.eos_token_id)
+        step = actor.pad_and_lay_out(step, config, tokenizer.eos_token_id)
         started = time.monotonic()
         recorder = harness.update_one_step(worker, config, step, rank, WORLD, exact.TEMPERATURE)
         if rank == 0:

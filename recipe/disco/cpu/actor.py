@@ -135,18 +135,20 @@ def advantages(step: StepBatch, algorithm_config) -> torch.Tensor:
     return estimated
 
 
-def compose_config(model_dir: str | Path, world: int, overrides: Sequence[str]):
-    """The recipe's config for the actor worker on CPU (FSDP2 over gloo, sdpa, fp32) plus ``overrides``."""
+def compose_config(model_dir: str | Path, world: int, overrides: Sequence[str], dtype: str = "fp32"):
+    """The recipe's config for the actor worker on CPU (FSDP2 over gloo, sdpa, the engine in ``dtype``) plus
+    ``overrides``; sdpa is exact with packed sequences (verl calls the model with use_cache=False)."""
     from hydra import compose, initialize_config_dir
 
+    precision = f"{{param_dtype:{dtype},reduce_dtype:{dtype},buffer_dtype:{dtype}}}"
     with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "config"), version_base=None):
         return compose(
             "disco_trainer",
             overrides=[
                 f"actor_rollout_ref.model.path={model_dir}",
                 "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-                "actor_rollout_ref.model.use_remove_padding=False",
-                "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+                f"actor_rollout_ref.actor.fsdp_config.model_dtype={dtype}",
+                f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={precision}",
                 "actor_rollout_ref.actor.use_torch_compile=False",
                 "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
                 f"trainer.n_gpus_per_node={world}",
@@ -181,20 +183,32 @@ def install_loss_config(worker, config) -> None:
     worker.actor.set_loss_fn(worker.loss_fn)
 
 
-def rank_share(step: StepBatch, rank: int, world: int) -> StepBatch:
-    """The contiguous rows verl's dispatch gives ``rank``."""
-    share = len(step) // world
-    return step.rows(range(rank * share, (rank + 1) * share))
+def group_rows(step: StepBatch, config, rank: int, world: int) -> range:
+    """The rows verl's dispatch gives ``rank``: its data-parallel group's contiguous share of the step (under
+    Ulysses a group is ``world / dp`` consecutive ranks, verl's ("dp", "sp") mesh, all holding the same rows)."""
+    from recipe.disco.checks import actor_dp_size
+
+    dp = actor_dp_size(config)
+    share = len(step) // dp
+    first = rank // (world // dp) * share
+    return range(first, first + share)
 
 
 def old_log_probs(worker, rows: StepBatch, temperature: float) -> torch.Tensor:
-    """The worker's ``compute_log_prob`` of its rows (jagged response log-probs), as the trainer's old-log-prob pass."""
+    """The worker's ``compute_log_prob`` of its rows (jagged response log-probs), as the trainer's old-log-prob pass.
+
+    Only the first rank of a Ulysses group returns outputs; the trainer dispatches them back to every rank of the
+    group, here a broadcast within the group."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import response_from_nested
 
     probe = to_tensordict(rows)
     tu.assign_non_tensor(probe, calculate_entropy=False, compute_loss=False, temperature=temperature)
-    return response_from_nested(worker.compute_log_prob(probe)["log_probs"], probe["response_mask"])
+    output = [worker.compute_log_prob(probe)]
+    group = worker.actor.engine.ulysses_parallel_group
+    if group is not None:
+        torch.distributed.broadcast_object_list(output, group=group, group_src=0)
+    return response_from_nested(output[0]["log_probs"], probe["response_mask"])
 
 
 def update(worker, config, step: StepBatch, rank: int, world: int, temperature: float, old=None) -> dict:
@@ -206,19 +220,19 @@ def update(worker, config, step: StepBatch, rank: int, world: int, temperature: 
     from recipe.disco.checks import coefficients_in_loss
     from recipe.disco.worker import COEFFICIENTS_IN_LOSS
 
-    mine = rank_share(step, rank, world)
+    rows = group_rows(step, config, rank, world)
+    mine = step.rows(rows)
     batch = to_tensordict(mine)
     batch["old_log_probs"] = old_log_probs(worker, mine, temperature) if old is None else old
-    share = len(step) // world
     batch["advantages"] = response_to_nested(
-        advantages(step, config.algorithm)[rank * share : (rank + 1) * share], batch["response_mask"]
+        advantages(step, config.algorithm)[rows.start : rows.stop], batch["response_mask"]
     )
-    rows = config.actor_rollout_ref.actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
+    mini_batch_rows = config.actor_rollout_ref.actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
     tu.assign_non_tensor(
         batch,
         calculate_entropy=False,
-        global_batch_size=rows,
-        mini_batch_size=rows,
+        global_batch_size=mini_batch_rows,
+        mini_batch_size=mini_batch_rows,
         epochs=1,
         seed=0,
         dataloader_kwargs={"shuffle": False},
