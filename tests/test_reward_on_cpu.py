@@ -8,6 +8,8 @@ wrong would fail here rather than be adjusted to the code.
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -343,6 +345,19 @@ def test_dead_verifiers_are_replaced():
     for _ in range(reward.POOL_SIZE):  # each call takes the next verifier in turn
         assert grade(r("0.5"), "\\frac{1}{2}", timeout_s=60).outcome is Outcome.RIGHT
     assert len(_verifier_processes()) == reward.POOL_SIZE
+
+
+def test_verifiers_that_cannot_start_stop_the_reward_loudly(tmp_path):
+    """A broken install (math-verify not importable) must not score every answer 0 silently: after a restart the
+    call raises, naming the check to run. Run in a fresh process whose verifiers import a broken math_verify."""
+    (tmp_path / "math_verify.py").write_text("raise ImportError('broken on purpose')\n")
+    code = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from recipe.disco.reward import compute_score; "
+        "compute_score('s', '\\\\boxed{0.5}', '\\\\frac{1}{2}', require_think=False)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode != 0
+    assert "math-verify verifier processes fail to start" in done.stderr and "import math_verify" in done.stderr
 
 
 @pytest.fixture(scope="module")

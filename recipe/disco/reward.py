@@ -254,6 +254,10 @@ def _serve(job_fd: int, result_fd: int) -> None:
         results.send(verdict)
 
 
+class _StartFailed(Exception):
+    """The verifier process ended before it was ready (math-verify missing or broken, or killed while starting)."""
+
+
 class _Verifier:
     """A ``python -c`` child process (not multiprocessing: nothing re-imports the caller's ``__main__``)."""
 
@@ -274,10 +278,14 @@ class _Verifier:
     def check(self, golds: tuple[str, ...], answer: str, timeout_s: float) -> bool | None:
         """The verdict; None if the check used up ``timeout_s`` of CPU time (the process has then ended).
 
-        Raises EOFError or OSError if the process died otherwise (killed from outside, failed to start).
+        Raises _StartFailed if the process ended before it was ready, EOFError or OSError if it died later (killed
+        from outside).
         """
         if not self._ready:
-            self._results.recv()  # start-up and warm-up count against no call's time limit
+            try:
+                self._results.recv()  # start-up and warm-up count against no call's time limit
+            except EOFError:
+                raise _StartFailed(f"exit status {self._process.wait()}") from None
             self._ready = True
         self._jobs.send((golds, answer, timeout_s))
         try:
@@ -316,10 +324,18 @@ class _VerifierPool:
         """math-verify's verdict for ``answer`` against any of ``golds``; None if the check ran out of CPU time."""
         verifier = self._acquire()
         try:
-            for _ in range(2):
+            for attempt in range(2):
                 try:
                     verdict = verifier.check(golds, answer, timeout_s)
-                except (EOFError, OSError):  # it had died (killed from outside, or failed to start): retry once
+                except _StartFailed as failure:  # twice in a row is a broken install: fail loudly, score nothing
+                    verifier = verifier.restart()
+                    if attempt:
+                        raise RuntimeError(
+                            f"math-verify verifier processes fail to start ({failure}, twice in a row); check that "
+                            f"`{sys.executable} -c 'import math_verify'` works where the reward runs"
+                        ) from None
+                    continue
+                except (EOFError, OSError):  # it had died (killed from outside): retry once
                     verifier = verifier.restart()
                     continue
                 if verdict is None:
