@@ -1,14 +1,18 @@
-"""``python -m recipe.disco.demo``: the methods it compares, and two reduced runs through verl's real trainer.
+"""``python -m recipe.disco.demo``: the methods it compares, its per-bucket analysis and statistics, and three
+reduced runs through verl's real trainer.
 
 The end-to-end runs are the demo's own command in a subprocess (from a clean working directory, as Ray puts the
-driver's directory on the workers' path) with ``--steps 20``: once as shipped, once with the DisCO loss's sign
-flipped by the test-only verl module ``tests/flipped_disco_loss.py``. Expected values are read from the runs'
-file-logger JSON lines with ``json`` and numpy here, not through the demo's summary code.
+driver's directory on the workers' path) with ``--steps 20``: on the addition task once as shipped, once with the
+DisCO loss's sign flipped by the test-only verl module ``tests/flipped_disco_loss.py``, and once on the carry task.
+Expected values are read from the runs' file-logger JSON lines and rollout dumps with ``json`` and numpy here, not
+through the demo's summary code. The analysis and statistics are checked against direct computations on
+synthetic steps, without running verl.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import CONFIG_DIR, compose_disco
 from e2e_utils import TINY_CACHE, cached_tiny_build
 from matplotlib.image import imread
@@ -26,7 +31,10 @@ from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass, validate_config
 
 from recipe.disco import demo
+from recipe.disco.config import DisCOPolicyLossConfig
+from recipe.disco.cpu import carry, tiny
 from recipe.disco.main_disco import validate
+from recipe.disco.objective import Answers, answer_coefficients
 from recipe.disco.plot import draw, plot_runs, read_log
 
 STEPS = 20
@@ -39,6 +47,11 @@ FLIPPED_METRIC = "actor/flipped_loss"
 # what each compared method changes against the DisCO run; everything else (data, seeds, budget) must be equal
 METHOD_KEYS = {
     "grpo": {"algorithm.adv_estimator": "grpo", f"{POLICY_LOSS}.loss_mode": "vanilla"},
+    "drgrpo": {
+        "algorithm.adv_estimator": "grpo",
+        f"{POLICY_LOSS}.loss_mode": "vanilla",
+        "algorithm.norm_adv_by_std_in_grpo": False,
+    },
     "disco-b": {f"{POLICY_LOSS}.objective": "disco-b"},
     "lratio": {f"{POLICY_LOSS}.score_func": "Lratio", f"{POLICY_LOSS}.tau": 1.0},
 }
@@ -47,8 +60,9 @@ METHOD_KEYS = {
 # --- the methods (composed by Hydra, checked as their entry points check them; no run) -----------------------
 
 
-def composed(name: str, *extra: str):
-    module, args = demo.method_command(name, cached_tiny_build(), steps=demo.STEPS, seed=0)
+def composed(name: str, *extra: str, task: str = "addition", rollout_dir: Path | None = None):
+    build = cached_tiny_build() if task == "addition" else carry.build_carry(TINY_CACHE, 0)
+    module, args = demo.method_command(name, build, steps=demo.STEPS, seed=0, task=task, rollout_dir=rollout_dir)
     flags = [arg for arg in args if arg.startswith("--")]
     if module == "verl.trainer.main_ppo":  # verl's own entry point, on the recipe's config
         assert flags == [f"--config-path={CONFIG_DIR}", "--config-name=disco_trainer"]
@@ -93,18 +107,260 @@ def test_each_method_passes_its_entry_points_checks(name):
     omega_conf_to_dataclass(config.actor_rollout_ref.actor)  # the policy loss config checks its own values
 
 
+def test_carry_task_runs_differ_only_in_data_sampled_validation_and_dumps(tmp_path):
+    addition = flat(composed("grpo")[1])
+    module, config = composed("grpo", task="carry", rollout_dir=tmp_path / "rollouts")
+    other = flat(config)
+    changed = {key for key in addition.keys() | other.keys() if addition.get(key) != other.get(key)}
+    # the served model name is the model path's
+    data = {"data.train_files", "data.val_files", "actor_rollout_ref.model.path"}
+    data.add("actor_rollout_ref.rollout.prometheus.served_model_name")
+    validation = {f"actor_rollout_ref.rollout.val_kwargs.{key}" for key in ("do_sample", "temperature", "n")}
+    assert changed == data | validation | {"trainer.rollout_data_dir"}
+    assert other["actor_rollout_ref.rollout.val_kwargs.n"] == demo.HELDOUT_SAMPLES
+    assert other["actor_rollout_ref.rollout.val_kwargs.do_sample"] is True
+    assert other["trainer.rollout_data_dir"] == str(tmp_path / "rollouts")
+    assert other["data.max_response_length"] == carry.SAMPLE_MAX_TOKENS  # as the build measured p(x)
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
+def test_learning_rates_for_every_method_or_each():
+    _, args = demo.method_command("grpo", cached_tiny_build(), steps=5, seed=0, lr=1e-3)
+    assert "actor_rollout_ref.actor.optim.lr=0.001" in args
+    assert demo.parse_learning_rates(["1e-3"], ["disco", "grpo"]) == {"disco": 1e-3, "grpo": 1e-3}
+    assert demo.parse_learning_rates(["grpo=1e-4", "disco=3e-4"], ["disco", "grpo"]) == {"disco": 3e-4, "grpo": 1e-4}
+    with pytest.raises(ValueError, match=r"gives no learning rate for \['grpo'\]: add grpo=LR"):
+        demo.parse_learning_rates(["disco=3e-4"], ["disco", "grpo"])
+    with pytest.raises(ValueError, match="--lr 'ppo=1': give one learning rate, or METHOD=LR for each of"):
+        demo.parse_learning_rates(["ppo=1", "disco=3e-4"], ["disco", "grpo"])
+
+
+# --- the weight of each answer in the update, per method -------------------------------------------------------
+
+
+def step_of(groups: list[list[float]], lengths: list[int] | None = None) -> demo.StepAnswers:
+    """A training step whose question q has the rewards groups[q]."""
+    question = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    score = np.concatenate([np.asarray(g, dtype=float) for g in groups])
+    length = np.asarray(lengths if lengths is not None else [7] * len(score), dtype=np.int64)
+    return demo.StepAnswers(question, score, length)
+
+
+GROUPS = [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1] * 8, [0] * 8, [1, 1, 1, 1, 1, 1, 1, 0], [1, 0]]
+
+
+@pytest.mark.parametrize("std_normalised", [True, False])
+def test_grpo_weights_are_absolute_advantages_times_lengths(std_normalised):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 17, size=sum(len(g) for g in GROUPS)).tolist()
+    weights = demo.grpo_weights(step_of(GROUPS, lengths), std_normalised=std_normalised)
+    expected, start = [], 0
+    for group in GROUPS:
+        r = np.asarray(group, dtype=float)
+        advantage = r - r.mean()
+        if std_normalised:  # verl: unbiased std, epsilon 1e-6
+            advantage = advantage / (r.std(ddof=1) + 1e-6)
+        expected += list(np.abs(advantage) * lengths[start : start + len(group)])
+        start += len(group)
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+
+
+def question_weights(weights: np.ndarray, step: demo.StepAnswers) -> np.ndarray:
+    return np.bincount(step.question, weights=weights)
+
+
+def test_grpo_weights_a_question_by_its_success_rate_as_in_proposition_6_1():
+    """Equal lengths, 8 answers: GRPO's weight of a question is proportional to sqrt(p(1-p)), Dr. GRPO's to
+    p(1-p), p the share of right answers; all-right and all-wrong questions get none."""
+    groups = [[1] * k + [0] * (8 - k) for k in range(9)]
+    p = np.arange(9) / 8
+    step = step_of(groups)
+    grpo = question_weights(demo.grpo_weights(step, std_normalised=True), step)
+    drgrpo = question_weights(demo.grpo_weights(step, std_normalised=False), step)
+    assert grpo[0] == grpo[8] == drgrpo[0] == drgrpo[8] == 0
+    np.testing.assert_allclose(grpo[1:8] / np.sqrt(p * (1 - p))[1:8], grpo[4] / 0.5, rtol=1e-5)
+    np.testing.assert_allclose(drgrpo[1:8] / (p * (1 - p))[1:8], drgrpo[4] / 0.25, rtol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["disco", "disco-b"])
+def test_disco_weights_give_every_mixed_question_the_same_total(objective):
+    step = step_of(GROUPS)
+    weights = demo.disco_weights(step, objective=objective)
+    expected = []
+    for group in GROUPS:  # at equal scores: 1/|P| on each positive, 1/|N| on each negative, if mixed
+        positives = sum(group)
+        mixed = 0 < positives < len(group)
+        expected += [(1 / positives if r else 1 / (len(group) - positives)) if mixed else 0.0 for r in group]
+    np.testing.assert_allclose(weights, expected, rtol=1e-12)
+    np.testing.assert_allclose(question_weights(weights, step), [2, 2, 0, 0, 2, 2], rtol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["disco", "disco-b"])
+def test_disco_question_totals_do_not_depend_on_the_scores(objective):
+    """Why the dumps suffice: whatever the scores, |dJ_q/ds| sums to 1 over a mixed question's positives and to 1
+    over its negatives (the tau-softmax weights sum to 1), so the bucket shares need no scores."""
+    step = step_of(GROUPS)
+    num_questions = len(GROUPS)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        answers = Answers(
+            s=torch.as_tensor(rng.normal(-2, 3, size=len(step.score))),
+            kl_sum=torch.zeros(len(step.score), dtype=torch.float64),
+            num_tokens=torch.as_tensor(step.length),
+            group=torch.as_tensor(step.question),
+            positive=torch.as_tensor(step.score) == 1,
+            num_groups=num_questions,
+        )
+        settings = DisCOPolicyLossConfig(objective=objective)
+        coefficients, _, _ = answer_coefficients(answers, settings, num_questions)
+        per_answer = coefficients[:, 0].abs().numpy() * num_questions
+        for sign in (1.0, 0.0):
+            mine = step.score == sign
+            totals = np.bincount(step.question[mine], weights=per_answer[mine], minlength=num_questions)
+            np.testing.assert_allclose(totals, [1, 1, 0, 0, 1, 1], rtol=1e-12)
+
+
+def dump_records(groups: list[list[float]], pairs: list[tuple[int, int]]) -> list[dict]:
+    """verl rollout-dump records of one step: question q = pairs[q] with rewards groups[q]."""
+    return [
+        {
+            "input": f"user\n{tiny.question(a, b)}\nassistant\n",
+            "output": tiny.answer(a, b) if score else "\\boxed{0}",
+            "score": score,
+            "step": 3,
+            "uid": f"uid-{q}_{i}_0",
+        }
+        for q, ((a, b), group) in enumerate(zip(pairs, groups, strict=True))
+        for i, score in enumerate(group)
+    ]
+
+
+def test_bucket_metrics_of_a_step():
+    pairs = [(17, 8), (7, 8), (19, 9), (3, 4), (15, 6), (9, 9)]
+    buckets = {(17, 8): "hard", (7, 8): "mid", (19, 9): "hard", (3, 4): "mid", (15, 6): "hard", (9, 9): "mid"}
+    answers = dump_records(GROUPS, pairs)
+    lengths = [7] * len(answers)
+    metrics = demo.step_bucket_metrics(answers, lengths, buckets, demo.METHODS["disco"].update_weights)
+    hard = [r for g, pair in zip(GROUPS, pairs, strict=True) if buckets[pair] == "hard" for r in g]
+    mid = [r for g, pair in zip(GROUPS, pairs, strict=True) if buckets[pair] == "mid" for r in g]
+    assert metrics["difficulty/hard/train_acc"] == pytest.approx(np.mean(hard))
+    assert metrics["difficulty/mid/train_acc"] == pytest.approx(np.mean(mid))
+    assert metrics["difficulty/easy/train_acc"] is None  # no easy question in this step
+    # DisCO: every mixed question weighs the same; mixed: q0 (hard), q1 (mid), q4 (hard), q5 (mid)
+    assert metrics["difficulty/hard/weight_share"] == pytest.approx(0.5)
+    assert metrics["difficulty/mid/weight_share"] == pytest.approx(0.5)
+    assert metrics["difficulty/easy/weight_share"] == 0.0
+    grpo = demo.step_bucket_metrics(answers, lengths, buckets, demo.METHODS["grpo"].update_weights)
+    # GRPO, per question: sum_i |r_i - p| / std = 2 n p (1 - p) / sqrt(n p (1 - p) / (n - 1)), 0 unless mixed
+    per_question = []
+    for group in GROUPS:
+        n, p = len(group), np.mean(group)
+        per_question.append(2 * n * p * (1 - p) / np.sqrt(n * p * (1 - p) / (n - 1)) if 0 < p < 1 else 0.0)
+    hard_weight = sum(w for w, pair in zip(per_question, pairs, strict=True) if buckets[pair] == "hard")
+    assert grpo["difficulty/hard/weight_share"] == pytest.approx(hard_weight / sum(per_question), rel=1e-5)
+    unmixed = dump_records([[1, 1], [0, 0]], pairs[:2])  # no mixed question: no weight to share
+    unmixed = demo.step_bucket_metrics(unmixed, [7] * 4, buckets, demo.METHODS["grpo"].update_weights)
+    assert unmixed["difficulty/hard/weight_share"] is None and unmixed["difficulty/hard/train_acc"] == 1.0
+
+
+def test_heldout_accuracy_weights_the_buckets_by_their_questions():
+    data = {f"val-core/synthetic/carry/{b}/acc/mean@4": v for b, v in (("hard", 0.2), ("mid", 0.5), ("easy", 0.9))}
+    data["val-core/synthetic/carry/hard/acc/best@4/mean"] = 0.7  # other statistics are not the accuracy
+    counts = {"hard": 15, "mid": 11, "easy": 9}
+    assert demo.heldout_accuracy(data, counts) == pytest.approx((15 * 0.2 + 11 * 0.5 + 9 * 0.9) / 35)
+    assert demo.heldout_accuracy({"critic/score/mean": 0.3}, counts) is None  # not a validation step
+    del data["val-core/synthetic/carry/mid/acc/mean@4"]
+    with pytest.raises(ValueError, match=r"validation logged buckets \['easy', 'hard'\] but not \['mid'\]"):
+        demo.heldout_accuracy(data, counts)
+
+
+# --- statistics over seeds ------------------------------------------------------------------------------------
+
+
+def t4_two_sided_p(t: float) -> float:
+    """Two-sided p of Student's t with 4 degrees of freedom, closed form: F(t) = 1/2 + 3/4 (u - u^3/3)."""
+    u = abs(t) / math.sqrt(4 + t * t)
+    return 2 * (0.5 - 0.75 * (u - u**3 / 3))
+
+
+def test_paired_t_test_against_the_closed_form_for_five_seeds():
+    disco, grpo = [0.71, 0.64, 0.69, 0.75, 0.66], [0.65, 0.62, 0.66, 0.70, 0.66]
+    test = demo.paired_t_test(disco, grpo)
+    differences = np.subtract(disco, grpo)
+    spread = differences.std(ddof=1) / math.sqrt(5)
+    assert test.seeds == 5 and test.mean_difference == pytest.approx(differences.mean())
+    assert test.t == pytest.approx(differences.mean() / spread)
+    assert test.p == pytest.approx(t4_two_sided_p(test.t), abs=1e-9)
+    assert test.halfwidth == pytest.approx(2.776445105 * spread, rel=1e-8)
+    assert test.p < 0.05 and demo.decision(test, "DisCO", "GRPO") == "DisCO better"
+    assert demo.decision(demo.paired_t_test(grpo, disco), "GRPO", "DisCO") == "DisCO better"
+    noisy = demo.paired_t_test([0.7, 0.6, 0.7, 0.6, 0.65], [0.6, 0.7, 0.6, 0.7, 0.65])
+    assert noisy.p == pytest.approx(1.0) and demo.decision(noisy, "DisCO", "GRPO") == "no difference detected"
+    same = demo.paired_t_test([0.5, 0.6], [0.4, 0.5])  # identical differences
+    assert same.p == 0.0 and demo.decision(same, "DisCO", "GRPO") == "DisCO better"
+
+
+def synthetic_run(heldout: list[float], hard: list[float]) -> tuple[list[dict], list[dict]]:
+    """verl records and difficulty records of a run validated at steps 0, 5, 10 with 10 training steps."""
+    records = [{"step": 0, "data": {}}] + [
+        {"step": s, "data": {demo.REWARD: 0.1 * s % 1, demo.ENTROPY: 0.2 + 0.01 * s}} for s in range(1, 11)
+    ]
+    difficulty = [{"step": s, "data": {demo.HELDOUT: v}} for s, v in zip((0, 5, 10), heldout, strict=True)]
+    for s, value in enumerate(hard, start=1):
+        shares = {
+            f"difficulty/{b}/weight_share": share for b, share in zip(carry.BUCKETS, (0.5, 0.3, 0.2), strict=True)
+        }
+        difficulty.append({"step": s, "data": {"difficulty/hard/train_acc": value, **shares}})
+    return records, difficulty
+
+
+def test_difficulty_tables_hold_the_runs_figures():
+    runs = {
+        "DisCO": {1: synthetic_run([0.4, 0.6, 0.8], [0.1, 0.3]), 2: synthetic_run([0.4, 0.7, 0.7], [0.2, None])},
+        "GRPO": {1: synthetic_run([0.4, 0.5, 0.6], [0.1, 0.1]), 2: synthetic_run([0.3, 0.5, 0.65], [0.0, 0.2])},
+    }
+    summaries = {
+        label: {seed: demo.summarize_difficulty(*run, level=0.7) for seed, run in by_seed.items()}
+        for label, by_seed in runs.items()
+    }
+    first = summaries["DisCO"][1]
+    assert first.heldout_mean == pytest.approx(0.7) and first.heldout_end == 0.8 and first.steps_to_level == 10
+    assert summaries["DisCO"][2].hard_train_acc == pytest.approx(0.2)  # steps without hard questions are skipped
+    assert summaries["GRPO"][1].steps_to_level is None
+    assert first.final_reward == pytest.approx(np.mean([0.6, 0.7, 0.8, 0.9, 0.0]))
+    assert first.weight_share == pytest.approx({"hard": 0.5, "mid": 0.3, "easy": 0.2})
+    tables = demo.difficulty_tables(summaries, level=0.7, steps=10)
+    assert "| DisCO | 1 | 0.700 | 0.800 | 10 | 0.200 |" in tables
+    assert "| GRPO | 1 | 0.550 | 0.600 | not within 10 | 0.100 |" in tables
+    per_run, seed_means, paired = tables.split("\n\n")
+    assert seed_means.startswith("| method | seeds |") and paired.startswith("| comparison")
+    means = next(line for line in seed_means.splitlines() if line.startswith("| GRPO |"))
+    primary = [0.55, 0.575]
+    mean, halfwidth = np.mean(primary), 12.706204736 * np.std(primary, ddof=1) / math.sqrt(2)
+    assert means.startswith(f"| GRPO | 2 | {mean:.3f} ± {halfwidth:.3f} |")
+    assert "not within 10 (0/2 reached)" not in means and "10.000 ± 0.000 (0/2 reached)" in means
+    differences = np.subtract([0.7, 0.7], [0.55, 0.575])
+    test = demo.paired_t_test([0.7, 0.7], [0.55, 0.575])
+    assert test.mean_difference == pytest.approx(differences.mean())
+    assert f"| DisCO - GRPO | 2 | {test.mean_difference:+.3f} ± {test.halfwidth:.3f} | {test.t:.2f} |" in tables
+
+
 # --- reduced runs ---------------------------------------------------------------------------------------------
 
 
-def run_demo(root: Path, env: dict[str, str] | None = None) -> tuple[Path, str]:
-    """``python -m recipe.disco.demo --steps STEPS`` into ``root/out``; returns the output folder and stdout."""
+def run_demo(
+    root: Path, env: dict[str, str] | None = None, task: str = "addition", steps: int = STEPS
+) -> tuple[Path, str]:
+    """``python -m recipe.disco.demo --task TASK --steps STEPS`` into ``root/out``; returns the output folder and
+    stdout."""
     out, cwd = root / "out", root / "cwd"
     cwd.mkdir(parents=True)
-    build = cached_tiny_build()  # copied in: the demo reuses a finished build of the same seed and specification
+    build = cached_tiny_build() if task == "addition" else carry.build_carry(TINY_CACHE, 0)
+    # copied in: the demo reuses a finished build of the same seed and specification
     shutil.copytree(build.model_dir.parent, out / build.model_dir.parent.name)
     assert build.model_dir.parent.parent == TINY_CACHE
     done = subprocess.run(
-        [sys.executable, "-m", "recipe.disco.demo", "--steps", str(STEPS), "--out", str(out)],
+        [sys.executable, "-m", "recipe.disco.demo", "--task", task, "--steps", str(steps), "--out", str(out)],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -196,3 +452,75 @@ def test_figure_of_the_demo_output(demo_run, flipped_run, tmp_path):
     both = [out / "disco" / "metrics.jsonl", flipped_run[0] / "disco" / "metrics.jsonl"]
     assert plot_runs(both, out=tmp_path / "both.png", labels=["DisCO", "flipped"]) == ALL_PANELS
     assert imread(tmp_path / "both.png")[..., :3].std() > 0.05
+
+
+# --- the carry task through verl's trainer ---------------------------------------------------------------------
+
+CARRY_STEPS = 30
+# hard-bucket training accuracy: mean of the last 10 steps >= mean of the first 5 + HARD_RISE (measured: 0.11 -> 0.63;
+# over 20 steps, 0.22 -> 0.41 for steps 11-20, held-out hard questions 0.12 -> 0.50)
+HARD_RISE = 0.2
+
+
+@pytest.fixture(scope="module")
+def carry_run(tmp_path_factory) -> tuple[Path, str]:
+    return run_demo(tmp_path_factory.mktemp("carry"), task="carry", steps=CARRY_STEPS)
+
+
+def dumped_steps(out: Path) -> dict[int, list[dict]]:
+    dumps = sorted((out / "disco" / "rollouts").glob("*.jsonl"), key=lambda path: int(path.stem))
+    return {int(d.stem): [json.loads(line) for line in d.read_text().splitlines()] for d in dumps}
+
+
+def test_carry_task_starts_spread_and_raises_the_hard_bucket(carry_run):
+    out, stdout = carry_run
+    questions = carry.read_questions(tiny.build_at(out / "carry-seed0"))
+    train = [q for q in questions if q.split == "train"]
+    assert sum(q.start_p <= 0.2 for q in train) / len(train) >= 0.35
+    assert sum(q.start_p >= 0.8 for q in train) / len(train) >= 0.1
+    bucket = {f"What is {q.a}+{q.b}?": q.bucket for q in train}
+    steps = dumped_steps(out)
+    assert sorted(steps) == list(range(1, CARRY_STEPS + 1))
+    hard = []
+    for answers in steps.values():
+        scores = [a["score"] for a in answers if bucket[re.search(r"What is \d+\+\d+\?", a["input"])[0]] == "hard"]
+        hard.append(np.mean(scores) if scores else np.nan)
+    hard = np.array(hard)
+    print(f"hard-bucket training accuracy per step: {hard.round(3)}")
+    assert np.nanmean(hard[-10:]) >= np.nanmean(hard[:5]) + HARD_RISE
+    assert f"Training Progress: 100%|██████████| {CARRY_STEPS}/{CARRY_STEPS}" in stdout
+    assert re.search(r"^step:0 - val-core/synthetic/carry/easy/acc/mean@4:[0-9.]+ - ", stdout, re.MULTILINE)
+
+
+def test_carry_run_difficulty_records_match_the_dumps_and_validation(carry_run):
+    out, _ = carry_run
+    questions = carry.read_questions(tiny.build_at(out / "carry-seed0"))
+    bucket = {(q.a, q.b): q.bucket for q in questions if q.split == "train"}
+    records = {
+        r["step"]: r["data"] for r in map(json.loads, (out / "disco" / "difficulty.jsonl").read_text().splitlines())
+    }
+    for step, answers in dumped_steps(out).items():
+        groups: dict[str, list[dict]] = {}
+        for answer in answers:
+            groups.setdefault(answer["uid"].rsplit("_", 2)[0], []).append(answer)
+        mixed = {name: 0 for name in carry.BUCKETS}
+        for group in groups.values():
+            name = bucket[carry.parse_question(group[0]["input"])]
+            mixed[name] += 0 < sum(a["score"] for a in group) < len(group)
+        for name in carry.BUCKETS:
+            scores = [a["score"] for a in answers if bucket[carry.parse_question(a["input"])] == name]
+            expected = np.mean(scores) if scores else None
+            assert records[step][f"difficulty/{name}/train_acc"] == pytest.approx(expected), (step, name)
+            share = mixed[name] / sum(mixed.values()) if sum(mixed.values()) else None
+            assert records[step][f"difficulty/{name}/weight_share"] == pytest.approx(share), (step, name)
+    verl_records = {
+        r["step"]: r["data"] for r in map(json.loads, (out / "disco" / "metrics.jsonl").read_text().splitlines())
+    }
+    counts = {name: sum(q.split == "val" and q.bucket == name for q in questions) for name in carry.BUCKETS}
+    for step in range(0, CARRY_STEPS + 1, demo.VAL_EVERY):
+        means = {n: verl_records[step][f"val-core/synthetic/carry/{n}/acc/mean@4"] for n in carry.BUCKETS if counts[n]}
+        expected = sum(counts[n] * means[n] for n in means) / sum(counts[n] for n in means)
+        assert records[step][demo.HELDOUT] == pytest.approx(expected)
+    summary = (out / "summary.md").read_text()
+    assert f"| {demo.METHODS['disco'].label} | 0 | " in summary
+    assert f"seed 0: {len(bucket)} training questions, starting p(x) from {carry.START_SAMPLES} answers each" in summary

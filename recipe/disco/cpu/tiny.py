@@ -18,7 +18,8 @@
   warm start but not in RL, so they measure whether what RL learned transfers.
 
 ``build_tiny(directory, seed)`` writes everything and returns the paths; it is deterministic by seed and reuses a
-finished build of the same seed and specification.
+finished build of the same seed and specification. ``recipe.disco.cpu.carry`` builds a second task from the same
+parts, whose questions start from a wide spread of success rates.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,24 +156,39 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, a: int, b: int) -> list[int]:
 def warm_start(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[int, int]], seed: int
 ) -> None:
-    """Full-batch supervised steps on all ``pairs``; each step boxes a random ``boxed_fraction`` of the targets.
+    """Full-batch supervised steps on all ``pairs``; each step boxes a random ``boxed_fraction`` of the targets."""
+    prompts = [prompt_ids(tokenizer, a, b) for a, b in pairs]
+    targets = [(response_ids(tokenizer, answer(a, b)), response_ids(tokenizer, str(a + b))) for a, b in pairs]
+    rates = torch.full((len(pairs),), WARM_START["boxed_fraction"])
+    fit_two_targets(model, prompts, targets, rates, steps=WARM_START["steps"], lr=WARM_START["lr"], seed=seed)
+
+
+def fit_two_targets(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    targets: list[tuple[list[int], list[int]]],
+    first_rates: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> None:
+    """Full-batch supervised steps with AdamW: each step trains example i on its first target with probability
+    ``first_rates[i]`` (drawn anew each step), else on its second, so the model learns that mixture.
 
     The loss covers the response tokens only. One torch thread keeps it fast on a busy machine and exact
     across machines.
     """
-    prompts = [prompt_ids(tokenizer, a, b) for a, b in pairs]
-    boxed = [_response_ids(tokenizer, answer(a, b)) for a, b in pairs]
-    bare = [_response_ids(tokenizer, str(a + b)) for a, b in pairs]
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_START["lr"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model.train()
     try:
-        for _ in range(WARM_START["steps"]):
-            use_boxed = (torch.rand(len(pairs), generator=generator) < WARM_START["boxed_fraction"]).tolist()
-            examples = [(p, b if box else n) for p, b, n, box in zip(prompts, boxed, bare, use_boxed, strict=True)]
-            input_ids, attention_mask, labels = _right_padded(examples, tokenizer.pad_token_id)
+        for _ in range(steps):
+            use_first = (torch.rand(len(prompts), generator=generator) < first_rates).tolist()
+            examples = [(p, t[0] if first else t[1]) for p, t, first in zip(prompts, targets, use_first, strict=True)]
+            input_ids, attention_mask, labels = _right_padded(examples, model.config.pad_token_id)
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
             optimizer.zero_grad()
             loss.backward()
@@ -181,7 +198,8 @@ def warm_start(
         model.eval()
 
 
-def _response_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def response_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a response: the text, then the eos that ends it."""
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
@@ -202,22 +220,28 @@ def _right_padded(
 
 
 def build_tiny(directory: str | os.PathLike, seed: int = 0) -> TinyBuild:
-    """Build (or reuse) the tiny model, tokenizer and train/val parquet files under ``directory/tiny-seed<seed>``.
-
-    The build is written to a staging directory and renamed into place, so a concurrent reader sees either no
-    build or a finished one.
-    """
+    """Build (or reuse) the tiny model, tokenizer and train/val parquet files under ``directory/tiny-seed<seed>``."""
     target = Path(directory) / f"tiny-seed{seed}"
-    build = TinyBuild(model_dir=target / "model", train_file=target / "train.parquet", val_file=target / "val.parquet")
-    spec = {**SPEC, "seed": seed}
+    build_once(target, {**SPEC, "seed": seed}, lambda staging: _write_build(staging, seed))
+    return build_at(target)
+
+
+def build_at(target: Path) -> TinyBuild:
+    """The paths of a build written into ``target``."""
+    return TinyBuild(model_dir=target / "model", train_file=target / "train.parquet", val_file=target / "val.parquet")
+
+
+def build_once(target: Path, spec: dict, write: Callable[[Path], None]) -> None:
+    """Make ``target`` a finished build of ``spec``: reuse it if it is one, else ``write`` into a staging directory
+    renamed into place, so a concurrent reader sees either no build or a finished one."""
     if _read_spec(target) == spec:
-        return build
+        return
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     staging.chmod(0o755)
     try:
-        _write_build(staging, seed)
+        write(staging)
         (staging / "spec.json").write_text(json.dumps(spec))
         os.replace(staging, target)
     except OSError:
@@ -225,7 +249,6 @@ def build_tiny(directory: str | os.PathLike, seed: int = 0) -> TinyBuild:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only by a failed or duplicate build
-    return build
 
 
 def _read_spec(target: Path) -> dict | None:
@@ -235,7 +258,7 @@ def _read_spec(target: Path) -> dict | None:
 
 def _write_build(directory: Path, seed: int) -> None:
     splits = split_problems(seed)
-    tokenizer = build_tokenizer(_corpus(splits["train"] + splits["val"]))
+    tokenizer = build_tokenizer(corpus(splits["train"] + splits["val"]))
     with torch.random.fork_rng():  # leaves the caller's random state alone
         torch.manual_seed(seed)
         model = build_model(tokenizer)
@@ -246,7 +269,7 @@ def _write_build(directory: Path, seed: int) -> None:
         write_parquet(task_rows(pairs, split), directory / f"{split}.parquet")
 
 
-def _corpus(pairs: list[tuple[int, int]]) -> list[str]:
+def corpus(pairs: list[tuple[int, int]]) -> list[str]:
     """Text the tokenizer is trained on: every question and its boxed response, in the chat layout."""
     return [
         f"{TURN_START}user\n{question(a, b)}{TURN_END}\n{TURN_START}assistant\n{answer(a, b)}{TURN_END}\n"
