@@ -34,7 +34,7 @@ from recipe.disco.reward import compute_score_with_info
 
 KINDS = ("mixed", "all_correct", "all_wrong")
 OUTCOMES = ("missing", "wrong", "right", "timeout")
-# the metrics README.md documents: per mini-batch from DisCO's worker (actor/disco/*) and per step from the driver
+# the metrics docs/metrics.md documents: per mini-batch from DisCO's worker (actor/disco/*) and per step from the driver
 LOSS_METRICS = [
     f"actor/disco/{name}"
     for name in (

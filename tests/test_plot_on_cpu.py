@@ -44,7 +44,7 @@ TITLES = [
     "Generation entropy",
     "Response length (tokens)",
     "KL estimate",
-    "Constraint active (share of questions with KL > delta)",
+    "Constraint active (share of trust-region units with KL > delta)",
     "Positive/negative score margin",
     "Validation accuracy",
 ]
@@ -109,7 +109,7 @@ def test_figure_lines_are_the_logged_values():
     np.testing.assert_allclose(line(kl_ax, "disco_tiny").get_ydata(), logged(FIXTURE, "actor/disco/kl")[1])
 
     _, active = logged(FIXTURE, "actor/disco/constraint_active")
-    running = line(axis(fig, "Constraint active (share of questions with KL > delta)"), "disco_tiny (running share)")
+    running = line(axis(fig, "Constraint active (share of trust-region units with KL > delta)"), "disco_tiny (running share)")
     np.testing.assert_allclose(running.get_ydata(), [np.mean(active[: i + 1]) for i in range(len(active))])
 
     margin_ax = axis(fig, "Positive/negative score margin")
@@ -130,7 +130,7 @@ def test_smoothing_is_a_trailing_moving_average():
     expected = [np.mean(entropy[max(0, i - 3) : i + 1]) for i in range(len(entropy))]
     np.testing.assert_allclose(line(axis(fig, "Generation entropy"), "run").get_ydata(), expected, rtol=1e-6)
     _, active = logged(FIXTURE, "actor/disco/constraint_active")
-    running = line(axis(fig, "Constraint active (share of questions with KL > delta)"), "run (running share)")
+    running = line(axis(fig, "Constraint active (share of trust-region units with KL > delta)"), "run (running share)")
     np.testing.assert_allclose(running.get_ydata(), np.cumsum(active) / np.arange(1, 21))  # of the raw values
     _, acc = logged(FIXTURE, "val-core/aime/acc/mean@16")
     np.testing.assert_allclose(line(axis(fig, "Validation accuracy"), "aime").get_ydata(), acc)  # not smoothed

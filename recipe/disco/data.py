@@ -138,7 +138,7 @@ def load_source(dataset: Dataset, from_dir: Path | None) -> list[dict[str, Any]]
             f"{dataset.name}: could not download {dataset.location}: {type(error).__name__}: {error}\n"
             f"Without internet access, put a copy of the source in a folder and pass --from-dir DIR "
             f"(or set {SOURCE_DIR_ENV}=DIR): expected DIR/{dataset.source_file}.json (or .jsonl/.parquet); "
-            f"see the data section of README.md for where each file comes from."
+            f"see docs/data.md for where each file comes from."
         ) from error
 
 
@@ -185,7 +185,7 @@ def check_rows(dataset: Dataset, verl_rows: Sequence[Mapping[str, Any]], expecte
     if len(verl_rows) != expected_rows:
         raise DataPrepError(
             f"{dataset.name}: {len(verl_rows)} rows in {where}, expected {expected_rows}: this is not the set the "
-            f"paper used (another packaging of the benchmark, or a truncated file); use the source named in README.md"
+            f"paper used (another packaging of the benchmark, or a truncated file); use the source named in docs/data.md"
         )
     empty = [index for index, row in enumerate(verl_rows) if not row["reward_model"]["ground_truth"]]
     if empty and dataset.split == "test":

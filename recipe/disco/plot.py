@@ -64,7 +64,7 @@ PANELS = (
     PanelSpec("kl", "KL estimate", series=(("actor/disco/kl",),), delta_line=True),
     PanelSpec(
         "constraint_active",
-        "Constraint active (share of questions with KL > delta)",
+        "Constraint active (share of trust-region units with KL > delta)",
         series=(("actor/disco/constraint_active",),),
         running_mean=True,
     ),

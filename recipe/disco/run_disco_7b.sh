@@ -2,7 +2,7 @@
 # DisCO on DeepSeek-R1-Distill-Qwen-7B, the paper's 7B run (DisCO, L-ratio score, tau=1, lr 1e-6, published
 # curves stop at step 1000). Assumes one node with 8 GPUs of 80 GB (A100/H100): FSDP2 actor with gradient
 # checkpointing, vLLM rollout with TP=1. For more memory headroom or speed, use several nodes: start a Ray
-# cluster and set RAY_ADDRESS and NNODES (see "Run on several nodes" in README.md).
+# cluster and set RAY_ADDRESS and NNODES (see "Run on several nodes" in docs/training.md).
 #
 # Memory per GPU (80 GB):
 # * Rollout. The actor's sharded fp32 parameters and AdamW moments stay on the GPU while vLLM generates:
@@ -11,7 +11,8 @@
 #   without offload (examples/grpo_trainer/run_qwen2-7b_math.sh, run_qwen2-7b_seq_balance.sh): 48 GB for vLLM
 #   (15 GB of weights, ~30 GB of KV cache), ~65 GB in all. Higher values need
 #   actor_rollout_ref.actor.fsdp_config.param_offload=True and optimizer_offload=True.
-#   PREFLIGHT: replace 0.6 by the value recipe/disco/preflight.py derives for 7B on 80 GB once it exists.
+#   The preflight (python -m recipe.disco.preflight, also run by DRY_RUN=1) estimates 62.4 GiB per GPU during
+#   generation at 0.6, 70.4 at 0.70, 82.3 at 0.85 (does not fit), before Ray starts.
 # * Update. Activation memory follows the tokens per GPU, not the answer length. 8k answers: the paper's 7B
 #   layout, token budgets of 36864 tokens per GPU without sequence parallelism (run_disco.sh's defaults).
 #

@@ -5,7 +5,7 @@
 # Runs verl's validation path (recipe.disco.main_disco with trainer.val_only=True); no training.
 #
 #   MODEL_PATH=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B NGPUS_PER_NODE=4 bash recipe/disco/run_eval.sh
-#   CHECKPOINT=$HOME/disco_runs/1.5b-disco-logL/checkpoints/global_step_1400 bash recipe/disco/run_eval.sh
+#   CHECKPOINT=$HOME/disco_runs/1.5B-disco-logL/checkpoints/global_step_1400 bash recipe/disco/run_eval.sh
 #   DRY_RUN=1 bash recipe/disco/run_eval.sh        # compose and validate the config, print it, generate nothing
 #
 # CHECKPOINT (a training checkpoint, instead of MODEL_PATH) is merged first by verl's model merger into a Hugging
