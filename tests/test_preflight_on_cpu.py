@@ -205,7 +205,10 @@ def test_verls_default_attention_needs_flash_attn(tiny, monkeypatch):
     assert check.detail.startswith(
         "actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2: `import flash_attn` fails"
     )
-    assert check.detail.endswith("or set +actor_rollout_ref.model.override_config.attn_implementation=sdpa")
+    assert check.detail.endswith(
+        "or set +actor_rollout_ref.model.override_config.attn_implementation=sdpa "
+        "(not with Ulysses sequence parallelism)"
+    )
     sdpa = item(preflight.preflight_checks(cpu_config(tiny), Gpus(0)), "attention kernel")
     assert sdpa.status == NOT_CHECKED and "attn_implementation=sdpa" in sdpa.detail
 
