@@ -38,6 +38,8 @@ COEFFICIENTS_IN_LOSS = "disco_coefficients_in_loss"  # update-batch flag set by 
 class DisCOTrainingWorker(TrainingWorker):
     """verl's training worker, writing DisCO's per-token weights into each mini-batch before its update."""
 
+    _at_old_parameters = False  # True from the start of an update until its first mini-batch is trained
+
     def train_mini_batch(self, data):
         # the first mini-batch of an update runs at the parameters that computed old_log_probs
         self._at_old_parameters = True
