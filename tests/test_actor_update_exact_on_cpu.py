@@ -7,9 +7,15 @@ the hinge is active). For every optimizer step the accumulated gradient recorded
 gradient of L over that mini-batch's questions from ``tests/disco_reference.py`` (relative error below 1e-9: the
 engine runs in float64, see ``actor_update_harness.allow_float64_engine``), for both objectives, both scores and
 both KL units, under a token budget below one question's tokens (``use_dynamic_bsz``) and micro-batch sizes 1 and
-3 (3 does not divide n=4), on 2 and 4 ranks. With ``kl_unit: question``, 4 ranks and micro-batch 1, a global
-micro-batch holds whole questions and the loss computes its coefficients itself: no extra forward pass; every other
-case makes one, for the second mini-batch only.
+3 (3 does not divide n=4), on 2 and 4 ranks, and under Ulysses sequence parallelism (4 ranks as 2 data-parallel
+groups x Ulysses size 2, the token budget): there each Ulysses rank holds half of every packed micro-batch, verl
+swaps sequence for attention heads around attention (all-to-all over gloo), gathers the log-probs back to whole
+sequences before the loss and averages gradients over all 4 ranks, while DisCO gathers its answers over the
+data-parallel group only. Attention runs transformers' flash-attention path with plain-torch kernels
+(``actor_update_harness.install_cpu_varlen_attention``): it is the only path verl's Ulysses patch reaches. With
+``kl_unit: question`` and fixed micro-batches whose global micro-batch holds whole questions (here on 4 ranks) the
+loss computes its coefficients itself: no extra forward pass; every other case makes one, for the second
+mini-batch only.
 
 Breaking the method must break the test: coefficients taken at the previous mini-batch's parameters (stale), a
 negated coefficient, and a question split over the two mini-batches are each detected.
@@ -46,6 +52,11 @@ LAYOUTS = {
     "micro_1": ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"],
     "micro_3": ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"],
 }
+ULYSSES = 2
+LAYOUTS["ulysses"] = LAYOUTS["token_budget"] + [
+    f"actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size={ULYSSES}",
+    "actor_rollout_ref.model.override_config.attn_implementation=varlen_sdpa",  # actor_update_harness
+]
 # (kl_unit, objective, score) per layout: every combination on each rank count, both KL units in every layout
 CASES = {
     2: {
@@ -61,12 +72,8 @@ CASES = {
     4: {
         "token_budget": [("question", "disco", "logL"), ("step", "disco-b", "Lratio")],
         "micro_1": [("question", "disco", "Lratio"), ("step", "disco-b", "logL")],
-        "micro_3": [
-            ("step", "disco", "logL"),
-            ("question", "disco-b", "Lratio"),
-            ("step", "disco", "Lratio"),
-            ("question", "disco-b", "logL"),
-        ],
+        "micro_3": [("step", "disco", "Lratio"), ("question", "disco-b", "logL")],
+        "ulysses": [("step", "disco", "logL"), ("question", "disco-b", "Lratio")],
     },
 }
 SABOTAGES = ("stale_coefficients", "negated_coefficients", "split_question")
@@ -104,8 +111,10 @@ def _rank(rank: int, world: int, port: int, model_dir: str, results_file: str) -
     import numpy as np
     from transformers import AutoTokenizer
 
+    from recipe.disco.checks import actor_dp_size
     from recipe.disco.cpu import tiny
 
+    harness.install_cpu_varlen_attention()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tiny.prompt_ids(tokenizer, a, b) for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (9, 9)]]
     runs = [(layout, case, None) for layout, cases in CASES[world].items() for case in cases]
@@ -130,12 +139,12 @@ def _rank(rank: int, world: int, port: int, model_dir: str, results_file: str) -
                 continue
         if rank == 0:
             updated = time.monotonic()
-            reference = harness.reference_gradients(model_dir, recorder, step, config, world, TEMPERATURE)
+            dp = actor_dp_size(config)
+            reference = harness.reference_gradients(model_dir, recorder, step, config, dp, TEMPERATURE)
             errors = [harness.relative_error(got, want) for got, want in zip(recorder.grads, reference)]
             seconds = {"update": updated - started, "reference": time.monotonic() - updated}
-            results.append(
-                {**result, "errors": errors, "extra_forward_passes": recorder.extra_forward_passes, "seconds": seconds}
-            )
+            passes = recorder.extra_forward_passes
+            results.append({**result, "errors": errors, "extra_forward_passes": passes, "dp": dp, "seconds": seconds})
     if rank == 0:
         Path(results_file).write_text(json.dumps(results, indent=1))
 
@@ -178,8 +187,10 @@ def test_every_objective_score_and_kl_unit_is_covered_in_every_layout_and_rank_c
     assert {(c["kl_unit"], c["objective"], c["score"]) for c in cases} == {
         (k, o, s) for k in ("step", "question") for o in ("disco", "disco-b") for s in ("logL", "Lratio")
     }
-    for layout in LAYOUTS:
+    for layout in CASES[results[0]]:
         assert {c["kl_unit"] for c in cases if c["layout"] == layout} == {"step", "question"}
+    if results[0] == 4:
+        assert {c["dp"] for c in cases if c["layout"] == "ulysses"} == {4 // ULYSSES}
 
 
 def test_only_mini_batches_after_the_first_cost_a_forward_pass(results):
