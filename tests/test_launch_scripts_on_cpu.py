@@ -26,6 +26,17 @@ VALIDATED = "[validate_config] All configuration checks passed successfully!\n"
 FILE_LOGGER_KEY = "++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH"
 NO_WANDB, WITH_WANDB = "['console','file']", "['console','file','wandb']"
 PAPER_BUDGET = 4 * (1024 + 8192)  # tokens per GPU in the paper's scripts: 4 full-length answers
+H100_BYTES = 81_559 * 2**20  # what an 80 GB H100 reports
+
+
+def assert_fits_80_gb_cards(cfg: dict) -> None:
+    """The preflight's per-GPU memory estimate of the composed layout stays within an 80 GB card in every phase."""
+    from recipe.disco import preflight
+
+    shape = preflight.PAPER_MODELS[cfg["actor_rollout_ref"]["model"]["path"]]
+    estimate = preflight.estimate_memory(shape, preflight.layout_from_config(OmegaConf.create(cfg)), H100_BYTES)
+    peak = estimate.total(estimate.peak_phase)
+    assert peak <= H100_BYTES, f"{estimate.peak_phase}: {peak / 2**30:.1f} GiB > {H100_BYTES / 2**30:.1f} GiB"
 
 
 def script_env(home: Path, **env: str) -> dict[str, str]:
@@ -141,6 +152,7 @@ def test_dry_run_defaults_are_the_papers_with_bounded_disk_fsdp2_and_a_metrics_f
     run_dir = tmp_path / "disco_runs" / f"{script[len('run_disco_') : -len('.sh')].upper()}-disco-{score_func}"
     assert cfg["trainer"]["default_local_dir"] == str(run_dir / "checkpoints")
     assert cfg["trainer"]["max_actor_ckpt_to_keep"] == 2
+    assert_fits_80_gb_cards(cfg)  # 7B: 0.85 (the paper's) would not, by the estimate
     # no wandb credentials in this environment: console and verl's file logger, into the run's folder, for
     # recipe.disco.plot; the path is handed to Ray so that a trainer on another node writes it too
     assert cfg["trainer"]["logger"] == ["console", "file"]
@@ -218,6 +230,7 @@ def test_7b_with_32k_answers_splits_micro_batches_over_2_gpus_with_room_for_one_
     # the micro-batch holds the paper's 36864 tokens, each GPU half of them
     assert budget * sp_size == PAPER_BUDGET >= longest == 33792
     assert engine_strategy(cfg) == "fsdp2" and cfg["actor_rollout_ref"]["rollout"]["gpu_memory_utilization"] == 0.6
+    assert_fits_80_gb_cards(cfg)
 
 
 # ------------------------------------------------------------------ evaluation
