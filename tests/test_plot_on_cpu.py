@@ -109,7 +109,9 @@ def test_figure_lines_are_the_logged_values():
     np.testing.assert_allclose(line(kl_ax, "disco_tiny").get_ydata(), logged(FIXTURE, "actor/disco/kl")[1])
 
     _, active = logged(FIXTURE, "actor/disco/constraint_active")
-    running = line(axis(fig, "Constraint active (share of trust-region units with KL > delta)"), "disco_tiny (running share)")
+    running = line(
+        axis(fig, "Constraint active (share of trust-region units with KL > delta)"), "disco_tiny (running share)"
+    )
     np.testing.assert_allclose(running.get_ydata(), [np.mean(active[: i + 1]) for i in range(len(active))])
 
     margin_ax = axis(fig, "Positive/negative score margin")

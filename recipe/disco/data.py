@@ -184,8 +184,9 @@ def check_rows(dataset: Dataset, verl_rows: Sequence[Mapping[str, Any]], expecte
     """Fail on a row-count mismatch or an empty gold answer in an evaluation set (training: a warning)."""
     if len(verl_rows) != expected_rows:
         raise DataPrepError(
-            f"{dataset.name}: {len(verl_rows)} rows in {where}, expected {expected_rows}: this is not the set the "
-            f"paper used (another packaging of the benchmark, or a truncated file); use the source named in docs/data.md"
+            f"{dataset.name}: {len(verl_rows)} rows in {where}, expected {expected_rows}: this is not the set "
+            "the paper used (another packaging of the benchmark, or a truncated file); use the source named in "
+            "docs/data.md"
         )
     empty = [index for index, row in enumerate(verl_rows) if not row["reward_model"]["ground_truth"]]
     if empty and dataset.split == "test":
