@@ -1,12 +1,14 @@
-"""``python -m recipe.disco.demo``: the methods it compares, its per-bucket analysis and statistics, and three
-reduced runs through verl's real trainer.
+"""``python -m recipe.disco.demo``: the methods it compares, its per-bucket analysis and statistics, its report of
+finished runs, and two reduced runs through verl's real trainer.
 
-The end-to-end runs are the demo's own command in a subprocess (from a clean working directory, as Ray puts the
-driver's directory on the workers' path) with ``--steps 20``: on the addition task once as shipped, once with the
-DisCO loss's sign flipped by the test-only verl module ``tests/flipped_disco_loss.py``, and once on the carry task.
-Expected values are read from the runs' file-logger JSON lines and rollout dumps with ``json`` and numpy here, not
-through the demo's summary code. The analysis and statistics are checked against direct computations on
-synthetic steps, without running verl.
+The two runs are the demo's own command in a subprocess (from a clean working directory, as Ray puts the driver's
+directory on the workers' path) on the carry task: 30 steps as shipped, and 15 with the DisCO loss's sign flipped by
+the test-only verl module ``tests/flipped_disco_loss.py`` (the control that the rise of the hard bucket comes from
+the loss). The default command (the addition task) differs from the carry task's only in data, validation sampling
+and dumps (checked on the composed configs); its report is checked on a finished run whose records are written
+through verl's own file logger, without the trainer. Expected values are read from the file-logger JSON lines and
+rollout dumps with ``json`` and numpy here, not through the demo's summary code. The analysis and statistics are
+checked against direct computations on synthetic steps, without running verl.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import CONFIG_DIR, compose_disco
@@ -29,6 +32,7 @@ from matplotlib.image import imread
 from omegaconf import OmegaConf
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass, validate_config
+from verl.utils.tracking import FileLogger
 
 from recipe.disco import demo
 from recipe.disco.config import DisCOPolicyLossConfig
@@ -37,13 +41,7 @@ from recipe.disco.main_disco import validate
 from recipe.disco.objective import Answers, answer_coefficients
 from recipe.disco.plot import draw, plot_runs, read_log
 
-STEPS = 20
-RISE = 0.15  # DisCO: mean reward of the last 3 steps >= reward of step 1 (the untrained model's samples) + RISE
-FLIPPED_SLACK = 0.05  # flipped sign: mean reward of the last 3 steps <= reward of step 1 + FLIPPED_SLACK
-ALL_PANELS = ["reward", "entropy", "response_length", "kl", "constraint_active", "score_margin", "val_accuracy"]
 POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
-# tests/flipped_disco_loss.py logs this; importing that module here would re-register "disco" flipped in pytest
-FLIPPED_METRIC = "actor/flipped_loss"
 # what each compared method changes against the DisCO run; everything else (data, seeds, budget) must be equal
 METHOD_KEYS = {
     "grpo": {"algorithm.adv_estimator": "grpo", f"{POLICY_LOSS}.loss_mode": "vanilla"},
@@ -345,22 +343,103 @@ def test_difficulty_tables_hold_the_runs_figures():
     assert f"| DisCO - GRPO | 2 | {test.mean_difference:+.3f} ± {test.halfwidth:.3f} | {test.t:.2f} |" in tables
 
 
-# --- reduced runs ---------------------------------------------------------------------------------------------
+# --- the default command (addition task) from its trainer's records on, without the trainer ----------------------
+
+ADDITION_STEPS = 20
+ALL_PANELS = ["reward", "entropy", "response_length", "kl", "constraint_active", "score_margin", "val_accuracy"]
 
 
-def run_demo(
-    root: Path, env: dict[str, str] | None = None, task: str = "addition", steps: int = STEPS
-) -> tuple[Path, str]:
-    """``python -m recipe.disco.demo --task TASK --steps STEPS`` into ``root/out``; returns the output folder and
+def addition_validation_metric() -> str:
+    """The metric verl logs for the addition task's held-out accuracy: ``val-core/<data_source>/acc/mean@<n>``, with
+    the data source of the build's validation rows and n of the demo's composed addition config (the carry run below
+    shows verl's naming)."""
+    data_source = pq.read_table(cached_tiny_build().val_file).column("data_source").unique().to_pylist()
+    n = flat(composed("disco")[1])["actor_rollout_ref.rollout.val_kwargs.n"]
+    assert len(data_source) == 1
+    return f"val-core/{data_source[0]}/acc/mean@{n}"
+
+
+def test_default_demo_reports_a_finished_runs_records(tmp_path, monkeypatch, capsys):
+    """``python -m recipe.disco.demo`` as shipped (addition task), from the trainer's records on: a finished run of
+    the same command, its records written through verl's own FileLogger, is reused, and the summary row and the
+    figure hold those records. The trainer part of the command is the carry runs' below: the two tasks' commands
+    differ only in data, validation sampling and dumps (``test_carry_task_runs_differ_only_in_...``)."""
+    out = tmp_path.resolve() / "out"
+    cached = cached_tiny_build().model_dir.parent
+    shutil.copytree(cached, out / cached.name)  # the demo reuses a finished build
+    workdir = out / "disco"
+    workdir.mkdir()
+    module, args = demo.method_command("disco", tiny.build_at(out / cached.name), ADDITION_STEPS, seed=0)
+    (workdir / "done.json").write_text(json.dumps({"module": module, "args": args}))
+    rng = np.random.default_rng(0)
+    reward, entropy = rng.uniform(0, 1, ADDITION_STEPS), rng.uniform(0.1, 0.5, ADDITION_STEPS)
+    val = {step: rng.uniform() for step in range(0, ADDITION_STEPS + 1, demo.VAL_EVERY)}
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(workdir / "metrics.jsonl"))
+    logger = FileLogger("disco_demo", "disco")
+    for step in range(ADDITION_STEPS + 1):
+        data = {addition_validation_metric(): np.float64(val[step])} if step in val else {}
+        if step:
+            data |= {key: np.float32(rng.uniform()) for key in ("response_length/mean", "actor/disco/score_margin")}
+            data |= {"actor/disco/kl": np.float64(1e-4 * rng.uniform()), "actor/disco/constraint_active": 0.5}
+            data |= {"critic/score/mean": np.float64(reward[step - 1]), "actor/entropy": np.float32(entropy[step - 1])}
+        logger.log(data, step=step)
+    logger.finish()
+
+    demo.main(["--steps", str(ADDITION_STEPS), "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert f"=== disco, seed 0: reusing the finished run in {workdir}" in stdout
+    row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| DisCO"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    trailing = [reward[max(0, i - 4) : i + 1].mean() for i in range(ADDITION_STEPS)]
+    reached = next((i + 1 for i, value in enumerate(trailing) if value >= demo.LEVEL), None)
+    assert cells[0] == demo.METHODS["disco"].label
+    assert_rounded(cells[1], reward[:5].mean(), digits=3)
+    assert_rounded(cells[2], reward[-5:].mean(), digits=3)
+    assert cells[3] == (str(reached) if reached else f"not within {ADDITION_STEPS}")
+    assert_rounded(cells[4], entropy[-5:].mean(), digits=3)
+    assert_rounded(cells[5], val[ADDITION_STEPS], digits=2)
+    assert row in stdout  # printed as well
+    assert f"wrote {out / 'demo_curves.png'} with panels {ALL_PANELS}" in stdout
+    image = imread(out / "demo_curves.png")
+    assert image.shape[:2] == (3 * 360, 3 * 500) and image[..., :3].std() > 0.05  # 3x3 grid, not blank
+    fig, _ = draw({"DisCO": read_log(workdir / "metrics.jsonl")}, smooth=demo.WINDOW)
+    (reward_ax,) = [ax for ax in fig.axes if ax.get_title() == "Training reward"]
+    np.testing.assert_allclose(reward_ax.get_lines()[0].get_ydata(), trailing)
+
+
+def assert_rounded(cell: str, value: float, digits: int) -> None:
+    """The cell shows `value` rounded to `digits` decimals (a tie such as 0.4375 may round either way)."""
+    assert abs(float(cell) - value) <= 0.5 * 10**-digits + 1e-12, (cell, value)
+
+
+# --- reduced runs of the carry task through verl's trainer: as shipped, and with DisCO's sign flipped ------------
+
+CARRY_STEPS = 30
+FLIPPED_STEPS = 15
+# hard-bucket training accuracy: the mean of the last 10 steps >= the mean of the first 5 + HARD_RISE (measured:
+# 0.11 -> 0.63 over 30 steps); with the loss's sign flipped <= the mean of the first 5 + FLIPPED_SLACK (measured: TODO)
+HARD_RISE = 0.2
+FLIPPED_SLACK = 0.05
+# tests/flipped_disco_loss.py logs this; importing that module here would re-register "disco" flipped in pytest
+FLIPPED_METRIC = "actor/flipped_loss"
+CARRY_PANELS = [
+    *ALL_PANELS,
+    "heldout_accuracy",
+    *(f"train_accuracy_{b}" for b in carry.BUCKETS),
+    *(f"weight_share_{b}" for b in carry.BUCKETS),
+]
+
+
+def run_demo(root: Path, steps: int, env: dict[str, str] | None = None) -> tuple[Path, str]:
+    """``python -m recipe.disco.demo --task carry --steps STEPS`` into ``root/out``; returns the output folder and
     stdout."""
     out, cwd = root / "out", root / "cwd"
     cwd.mkdir(parents=True)
-    build = cached_tiny_build() if task == "addition" else carry.build_carry(TINY_CACHE, 0)
+    build = carry.build_carry(TINY_CACHE, 0)
     # copied in: the demo reuses a finished build of the same seed and specification
     shutil.copytree(build.model_dir.parent, out / build.model_dir.parent.name)
-    assert build.model_dir.parent.parent == TINY_CACHE
     done = subprocess.run(
-        [sys.executable, "-m", "recipe.disco.demo", "--task", task, "--steps", str(steps), "--out", str(out)],
+        [sys.executable, "-m", "recipe.disco.demo", "--task", "carry", "--steps", str(steps), "--out", str(out)],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -371,19 +450,9 @@ def run_demo(
     return out, done.stdout
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "disco" / "metrics.jsonl").read_text().splitlines()]
-
-
-def rewards(out: Path) -> np.ndarray:
-    by_step = {r["step"]: r["data"]["critic/score/mean"] for r in records(out) if "critic/score/mean" in r["data"]}
-    assert sorted(by_step) == list(range(1, STEPS + 1))
-    return np.array([by_step[step] for step in range(1, STEPS + 1)])
-
-
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> tuple[Path, str]:
-    return run_demo(tmp_path_factory.mktemp("demo"))
+def carry_run(tmp_path_factory) -> tuple[Path, str]:
+    return run_demo(tmp_path_factory.mktemp("carry"), CARRY_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -391,80 +460,11 @@ def flipped_run(tmp_path_factory) -> tuple[Path, str]:
     tests = str(Path(__file__).parent)
     path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
     env = {"VERL_USE_EXTERNAL_MODULES": "flipped_disco_loss", "PYTHONPATH": path}
-    return run_demo(tmp_path_factory.mktemp("flipped"), env)
+    return run_demo(tmp_path_factory.mktemp("flipped"), FLIPPED_STEPS, env)
 
 
-def test_disco_raises_the_training_reward(demo_run):
-    out, stdout = demo_run
-    reward = rewards(out)
-    print(f"DisCO reward: step 1 {reward[0]:.3f}, last 3 steps {reward[-3:].mean():.3f}, all {reward.round(3)}")
-    assert reward[-3:].mean() >= reward[0] + RISE
-    assert all(FLIPPED_METRIC not in r["data"] for r in records(out))
-    assert f"Training Progress: 100%|██████████| {STEPS}/{STEPS}" in stdout  # verl's progress, shown
-    assert re.search(rf"^step:{STEPS} - critic/score/mean:[0-9.]+ - actor/entropy:", stdout, re.MULTILINE)
-
-
-def test_disco_with_its_sign_flipped_does_not(flipped_run):
-    out, _ = flipped_run
-    reward = rewards(out)
-    print(f"flipped reward: step 1 {reward[0]:.3f}, last 3 steps {reward[-3:].mean():.3f}, all {reward.round(3)}")
-    assert reward[-3:].mean() <= reward[0] + FLIPPED_SLACK
-    steps = [r for r in records(out) if "critic/score/mean" in r["data"]]
-    assert all(r["data"][FLIPPED_METRIC] == 1.0 for r in steps)  # the workers trained with the flipped loss
-
-
-def assert_rounded(cell: str, value: float, digits: int) -> None:
-    """The cell shows `value` rounded to `digits` decimals (a tie such as 0.4375 may round either way)."""
-    assert abs(float(cell) - value) <= 0.5 * 10**-digits + 1e-12, (cell, value)
-
-
-def test_summary_table_holds_the_logged_values(demo_run):
-    out, stdout = demo_run
-    reward = rewards(out)
-    by_step = {r["step"]: r["data"] for r in records(out)}
-    entropy = np.array([by_step[step]["actor/entropy"] for step in range(1, STEPS + 1)])
-    trailing = [reward[max(0, i - 4) : i + 1].mean() for i in range(STEPS)]
-    reached = next((i + 1 for i, value in enumerate(trailing) if value >= demo.LEVEL), None)
-    val = [by_step[s][demo.VAL_ACCURACY] for s in sorted(by_step) if demo.VAL_ACCURACY in by_step[s]]
-    assert len(val) == STEPS // demo.VAL_EVERY + 1  # before training and every VAL_EVERY steps
-    row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| DisCO"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[0] == demo.METHODS["disco"].label
-    assert_rounded(cells[1], reward[:5].mean(), digits=3)
-    assert_rounded(cells[2], reward[-5:].mean(), digits=3)
-    assert cells[3] == (str(reached) if reached else f"not within {STEPS}")
-    assert_rounded(cells[4], entropy[-5:].mean(), digits=3)
-    assert_rounded(cells[5], val[-1], digits=2)
-    assert row in stdout  # printed as well
-
-
-def test_figure_of_the_demo_output(demo_run, flipped_run, tmp_path):
-    out, stdout = demo_run
-    assert f"wrote {out / 'demo_curves.png'} with panels {ALL_PANELS}" in stdout
-    image = imread(out / "demo_curves.png")
-    assert image.shape[:2] == (3 * 360, 3 * 500) and image[..., :3].std() > 0.05  # 3x3 grid, not blank
-    fig, drawn = draw({"DisCO": read_log(out / "disco" / "metrics.jsonl")}, smooth=demo.WINDOW)
-    assert drawn == ALL_PANELS
-    (reward_ax,) = [ax for ax in fig.axes if ax.get_title() == "Training reward"]
-    (line,) = reward_ax.get_lines()
-    reward = rewards(out)
-    np.testing.assert_allclose(line.get_ydata(), [reward[max(0, i - 4) : i + 1].mean() for i in range(STEPS)])
-    both = [out / "disco" / "metrics.jsonl", flipped_run[0] / "disco" / "metrics.jsonl"]
-    assert plot_runs(both, out=tmp_path / "both.png", labels=["DisCO", "flipped"]) == ALL_PANELS
-    assert imread(tmp_path / "both.png")[..., :3].std() > 0.05
-
-
-# --- the carry task through verl's trainer ---------------------------------------------------------------------
-
-CARRY_STEPS = 30
-# hard-bucket training accuracy: mean of the last 10 steps >= mean of the first 5 + HARD_RISE (measured: 0.11 -> 0.63;
-# over 20 steps, 0.22 -> 0.41 for steps 11-20, held-out hard questions 0.12 -> 0.50)
-HARD_RISE = 0.2
-
-
-@pytest.fixture(scope="module")
-def carry_run(tmp_path_factory) -> tuple[Path, str]:
-    return run_demo(tmp_path_factory.mktemp("carry"), task="carry", steps=CARRY_STEPS)
+def read_records(path: Path) -> dict[int, dict]:
+    return {r["step"]: r["data"] for r in map(json.loads, path.read_text().splitlines())}
 
 
 def dumped_steps(out: Path) -> dict[int, list[dict]]:
@@ -472,33 +472,53 @@ def dumped_steps(out: Path) -> dict[int, list[dict]]:
     return {int(d.stem): [json.loads(line) for line in d.read_text().splitlines()] for d in dumps}
 
 
-def test_carry_task_starts_spread_and_raises_the_hard_bucket(carry_run):
+def hard_accuracy(out: Path, steps: int) -> np.ndarray:
+    """Per step, the share of right answers among the dumped answers to the hard bucket's training questions (NaN
+    for a step without any)."""
+    questions = carry.read_questions(tiny.build_at(out / "carry-seed0"))
+    bucket = {f"What is {q.a}+{q.b}?": q.bucket for q in questions if q.split == "train"}
+    dumps = dumped_steps(out)
+    assert sorted(dumps) == list(range(1, steps + 1))
+    hard = []
+    for answers in dumps.values():
+        scores = [a["score"] for a in answers if bucket[re.search(r"What is \d+\+\d+\?", a["input"])[0]] == "hard"]
+        hard.append(np.mean(scores) if scores else np.nan)
+    return np.array(hard)
+
+
+def hard_rise(hard: np.ndarray) -> float:
+    return float(np.nanmean(hard[-10:]) - np.nanmean(hard[:5]))
+
+
+def test_carry_task_starts_spread_and_disco_raises_the_hard_bucket(carry_run):
     out, stdout = carry_run
     questions = carry.read_questions(tiny.build_at(out / "carry-seed0"))
     train = [q for q in questions if q.split == "train"]
     assert sum(q.start_p <= 0.2 for q in train) / len(train) >= 0.35
     assert sum(q.start_p >= 0.8 for q in train) / len(train) >= 0.1
-    bucket = {f"What is {q.a}+{q.b}?": q.bucket for q in train}
-    steps = dumped_steps(out)
-    assert sorted(steps) == list(range(1, CARRY_STEPS + 1))
-    hard = []
-    for answers in steps.values():
-        scores = [a["score"] for a in answers if bucket[re.search(r"What is \d+\+\d+\?", a["input"])[0]] == "hard"]
-        hard.append(np.mean(scores) if scores else np.nan)
-    hard = np.array(hard)
+    hard = hard_accuracy(out, CARRY_STEPS)
     print(f"hard-bucket training accuracy per step: {hard.round(3)}")
-    assert np.nanmean(hard[-10:]) >= np.nanmean(hard[:5]) + HARD_RISE
-    assert f"Training Progress: 100%|██████████| {CARRY_STEPS}/{CARRY_STEPS}" in stdout
+    assert hard_rise(hard) >= HARD_RISE
+    assert all(FLIPPED_METRIC not in data for data in read_records(out / "disco" / "metrics.jsonl").values())
+    assert f"Training Progress: 100%|██████████| {CARRY_STEPS}/{CARRY_STEPS}" in stdout  # verl's progress, shown
+    assert re.search(rf"^step:{CARRY_STEPS} - critic/score/mean:[0-9.]+ - actor/entropy:", stdout, re.MULTILINE)
     assert re.search(r"^step:0 - val-core/synthetic/carry/easy/acc/mean@4:[0-9.]+ - ", stdout, re.MULTILINE)
+
+
+def test_disco_with_its_sign_flipped_does_not(flipped_run):
+    out, _ = flipped_run
+    hard = hard_accuracy(out, FLIPPED_STEPS)
+    print(f"flipped: hard-bucket training accuracy per step: {hard.round(3)}")
+    assert hard_rise(hard) <= FLIPPED_SLACK
+    steps = [data for step, data in read_records(out / "disco" / "metrics.jsonl").items() if step > 0]
+    assert len(steps) == FLIPPED_STEPS and all(data[FLIPPED_METRIC] == 1.0 for data in steps)  # trained flipped
 
 
 def test_carry_run_difficulty_records_match_the_dumps_and_validation(carry_run):
     out, _ = carry_run
     questions = carry.read_questions(tiny.build_at(out / "carry-seed0"))
     bucket = {(q.a, q.b): q.bucket for q in questions if q.split == "train"}
-    records = {
-        r["step"]: r["data"] for r in map(json.loads, (out / "disco" / "difficulty.jsonl").read_text().splitlines())
-    }
+    records = read_records(out / "disco" / "difficulty.jsonl")
     for step, answers in dumped_steps(out).items():
         groups: dict[str, list[dict]] = {}
         for answer in answers:
@@ -513,14 +533,50 @@ def test_carry_run_difficulty_records_match_the_dumps_and_validation(carry_run):
             assert records[step][f"difficulty/{name}/train_acc"] == pytest.approx(expected), (step, name)
             share = mixed[name] / sum(mixed.values()) if sum(mixed.values()) else None
             assert records[step][f"difficulty/{name}/weight_share"] == pytest.approx(share), (step, name)
-    verl_records = {
-        r["step"]: r["data"] for r in map(json.loads, (out / "disco" / "metrics.jsonl").read_text().splitlines())
-    }
+    verl_records = read_records(out / "disco" / "metrics.jsonl")
     counts = {name: sum(q.split == "val" and q.bucket == name for q in questions) for name in carry.BUCKETS}
     for step in range(0, CARRY_STEPS + 1, demo.VAL_EVERY):
-        means = {n: verl_records[step][f"val-core/synthetic/carry/{n}/acc/mean@4"] for n in carry.BUCKETS if counts[n]}
+        # verl names a validation metric val-core/<data_source>/acc/mean@<n> (the addition summary relies on it)
+        key = f"val-core/{{}}/acc/mean@{demo.HELDOUT_SAMPLES}"
+        means = {
+            n: verl_records[step][key.format(f"{carry.DATA_SOURCE_PREFIX}/{n}")] for n in carry.BUCKETS if counts[n]
+        }
         expected = sum(counts[n] * means[n] for n in means) / sum(counts[n] for n in means)
         assert records[step][demo.HELDOUT] == pytest.approx(expected)
-    summary = (out / "summary.md").read_text()
-    assert f"| {demo.METHODS['disco'].label} | 0 | " in summary
-    assert f"seed 0: {len(bucket)} training questions, starting p(x) from {carry.START_SAMPLES} answers each" in summary
+
+
+def test_carry_summary_holds_the_runs_figures(carry_run):
+    out, stdout = carry_run
+    verl_records = read_records(out / "disco" / "metrics.jsonl")
+    records = read_records(out / "disco" / "difficulty.jsonl")  # checked against the dumps above
+    heldout = {step: data[demo.HELDOUT] for step, data in records.items() if demo.HELDOUT in data}
+    assert sorted(heldout) == list(range(0, CARRY_STEPS + 1, demo.VAL_EVERY))
+    reached = next((step for step in sorted(heldout) if heldout[step] >= demo.LEVEL), None)
+    steps = range(1, CARRY_STEPS + 1)
+    hard = [
+        records[s]["difficulty/hard/train_acc"] for s in steps if records[s]["difficulty/hard/train_acc"] is not None
+    ]
+    row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| DisCO"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:2] == [demo.METHODS["disco"].label, "0"]
+    assert_rounded(cells[2], np.mean([heldout[s] for s in heldout if s > 0]), digits=3)
+    assert_rounded(cells[3], heldout[CARRY_STEPS], digits=3)
+    assert cells[4] == (str(reached) if reached is not None else f"not within {CARRY_STEPS}")
+    assert_rounded(cells[5], np.mean(hard), digits=3)
+    assert_rounded(cells[6], np.mean([verl_records[s]["critic/score/mean"] for s in steps[-5:]]), digits=3)
+    assert_rounded(cells[7], np.mean([verl_records[s]["actor/entropy"] for s in steps[-5:]]), digits=3)
+    for cell, name in zip(cells[8:], carry.BUCKETS, strict=True):
+        shares = [records[s][f"difficulty/{name}/weight_share"] for s in steps]
+        assert_rounded(cell, np.mean([share for share in shares if share is not None]), digits=3)
+    train = [q for q in carry.read_questions(tiny.build_at(out / "carry-seed0")) if q.split == "train"]
+    assert f"seed 0: {len(train)} training questions, starting p(x) from {carry.START_SAMPLES} answers each" in stdout
+
+
+def test_figure_of_the_carry_runs(carry_run, flipped_run, tmp_path):
+    out, stdout = carry_run
+    assert f"wrote {out / 'demo_curves.png'} with panels {CARRY_PANELS}" in stdout
+    image = imread(out / "demo_curves.png")
+    assert image.shape[:2] == (5 * 360, 3 * 500) and image[..., :3].std() > 0.05  # 14 panels in 5 rows of 3
+    both = [out / "disco", flipped_run[0] / "disco"]
+    assert plot_runs(both, out=tmp_path / "both.png", labels=["DisCO", "flipped"]) == CARRY_PANELS
+    assert imread(tmp_path / "both.png")[..., :3].std() > 0.05
