@@ -20,9 +20,7 @@ import argparse
 import multiprocessing
 import os
 import socket
-import statistics
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +29,8 @@ from hydra import compose, initialize_config_dir
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 from verl.utils.config import omega_conf_to_dataclass
 
+from recipe.disco.gpu_check import ROLLOUT_N, make_inputs, median_times
 from recipe.disco.loss import token_weights
-
-ROLLOUT_N = 8
 
 
 def actor_config(rows: int, kl_unit: str = "step"):
@@ -49,26 +46,6 @@ def actor_config(rows: int, kl_unit: str = "step"):
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     actor.global_batch_info.update(dp_size=1, global_batch_size=rows, batch_num_tokens=None, loss_scale_factor=None)
     return actor, cfg.algorithm
-
-
-def make_inputs(rows: int, length: int, device: str, seed: int = 0) -> dict[str, torch.Tensor | np.ndarray]:
-    """bf16-rounded log-probs, long-tailed lengths (a quarter truncated at ``length``), 0/1 rewards."""
-    g = torch.Generator().manual_seed(seed)
-    log_prob = -torch.empty(rows, length).exponential_(3.0, generator=g)
-    log_prob = log_prob.to(torch.bfloat16).float()
-    old_log_prob = (log_prob + 0.02 * torch.randn(rows, length, generator=g)).clamp(max=0).to(torch.bfloat16).float()
-    lengths = torch.empty(rows).log_normal_(np.log(length / 4), 0.8, generator=g).long().clamp(1, length)
-    mask = torch.arange(length)[None, :] < lengths[:, None]
-    rewards = torch.zeros(rows, length)
-    rewards[torch.arange(rows), lengths - 1] = (torch.rand(rows, generator=g) < 0.5).float()
-    uids = np.repeat([str(uuid.uuid4()) for _ in range(rows // ROLLOUT_N)], ROLLOUT_N).astype(object)
-    return {
-        "log_prob": log_prob.to(device),
-        "old_log_prob": old_log_prob.to(device),
-        "mask": mask.to(device),
-        "rewards": rewards.to(device),
-        "uids": uids,
-    }
 
 
 def time_loss(name: str, advantages: torch.Tensor, inputs: dict, config, device: str) -> float:
@@ -112,14 +89,10 @@ def bench_shape(rows: int, length: int, repeats: int, device: str) -> dict[str, 
         "disco_step": ("disco", None, step_config),
         "disco_question": ("disco", codes, question_config),
     }
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for i in range(repeats + 1):  # the first round warms up; the order rotates
-        labels = list(runs)[i % len(runs) :] + list(runs)[: i % len(runs)]
-        for label in labels:
-            elapsed = time_loss(*runs[label][:2], inputs, runs[label][2], device)
-            if i:
-                times[label].append(elapsed)
-    return {label: statistics.median(values) for label, values in times.items()}
+    return median_times(
+        {label: (lambda run=run: time_loss(run[0], run[1], inputs, run[2], device)) for label, run in runs.items()},
+        repeats,
+    )
 
 
 UPDATE_QUESTIONS, UPDATE_MAX_RESPONSE, UPDATE_TEMPERATURE = 8, 48, 1.0
@@ -148,6 +121,17 @@ class PassCounter:
             return run(data, loss_function, forward_only=forward_only)
 
         engine.forward_backward_batch = counting
+
+
+def _timed_update(config, worker, counter: PassCounter, laid_out) -> float:
+    """Seconds of one ``update_actor`` (the old-log-prob pass before it counts passes, not time)."""
+    from recipe.disco.cpu import actor
+
+    counter.forward_only = counter.with_backward = 0
+    old = actor.old_log_probs(worker, laid_out, UPDATE_TEMPERATURE)
+    start = time.perf_counter()
+    actor.update(worker, config, laid_out, 0, 1, UPDATE_TEMPERATURE, old=old)
+    return time.perf_counter() - start
 
 
 def _update_bench(repeats: int, port: int) -> None:
@@ -185,21 +169,12 @@ def _update_bench(repeats: int, port: int) -> None:
             worker = actor.build_worker(config, disco=disco)
             runs[label] = (config, worker, PassCounter(worker.actor.engine))
         laid_out = actor.pad_and_lay_out(step, runs["DisCO kl_unit=step"][0], tokenizer.eos_token_id)
-        times: dict[str, list[float]] = {label: [] for label in runs}
-        for i in range(repeats + 1):  # the first round warms up; the order rotates
-            labels = list(runs)[i % len(runs) :] + list(runs)[: i % len(runs)]
-            for label in labels:
-                config, worker, counter = runs[label]
-                counter.forward_only = counter.with_backward = 0
-                old = actor.old_log_probs(worker, laid_out, UPDATE_TEMPERATURE)
-                start = time.perf_counter()
-                actor.update(worker, config, laid_out, 0, 1, UPDATE_TEMPERATURE, old=old)
-                if i:
-                    times[label].append(time.perf_counter() - start)
-        grpo = statistics.median(times["GRPO (grpo + vanilla)"])
+        timed = {label: (lambda run=run, batch=laid_out: _timed_update(*run, batch)) for label, run in runs.items()}
+        times = median_times(timed, repeats)
+        grpo = times["GRPO (grpo + vanilla)"]
         for label, (_, _, counter) in runs.items():
             answers = len(laid_out)
-            seconds = statistics.median(times[label])
+            seconds = times[label]
             print(
                 f"{mini_batches:>12}  {label:<24} {(counter.forward_only + counter.with_backward) / answers:8.2f} "
                 f"{counter.with_backward / answers:8.2f} {seconds:9.3f} {seconds / grpo:6.2f}"
