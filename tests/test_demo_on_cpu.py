@@ -594,6 +594,6 @@ def test_figure_of_the_carry_runs(carry_run, flipped_run, tmp_path):
     assert f"wrote {out / 'demo_curves.png'} with panels {CARRY_PANELS}" in stdout
     image = imread(out / "demo_curves.png")
     assert image.shape[:2] == (5 * 360, 3 * 500) and image[..., :3].std() > 0.05  # 14 panels in 5 rows of 3
-    both = [out / "disco", flipped_run[0] / "disco"]
+    both = [out / "disco", flipped_run / "disco"]
     assert plot_runs(both, out=tmp_path / "both.png", labels=["DisCO", "flipped"]) == CARRY_PANELS
     assert imread(tmp_path / "both.png")[..., :3].std() > 0.05
