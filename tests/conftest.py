@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# the same examples on every run and machine: a new random draw cannot turn CI red (a case found once is kept
+# with @example)
+settings.register_profile("fixed", derandomize=True)
+settings.load_profile("fixed")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "recipe" / "disco" / "config")
 
