@@ -56,7 +56,7 @@ from recipe.disco.plot import CONFIDENCE, mean_and_halfwidth, plot_runs, smoothe
 CONFIG_DIR = Path(__file__).with_name("config")
 POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 DEFAULT_OUT = "disco_demo"
-STEPS = 30  # the reward levels off by step 30; the default demo stays near 3 minutes on 2 CPU cores
+STEPS = 30  # the reward levels off by step 30; the default demo takes 2.5 minutes on 2 CPU cores
 LEVEL = 0.6
 WINDOW = 5  # steps averaged for the start/final figures, the level crossing and the plotted curves
 # The tiny tasks' budget, the same for every method: 8 questions x 8 answers per step in 2 optimizer steps of
