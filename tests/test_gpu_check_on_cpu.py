@@ -68,7 +68,9 @@ def test_the_check_runs_where_verl_is_not_installed():
         from recipe.disco import gpu_check
         gpu_check.main()
         print("loss module:", gpu_check.disco_modules()[1].__name__)
+        print("estimate:", gpu_check.estimated_update_bytes())
         """
     )
     out = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, check=True).stdout
     assert "disco logL tau 10, kl_unit step" in out and "loss module: recipe.disco.loss" in out
+    assert int(out.split("estimate: ")[1].split()[0]) == gpu_check.estimated_update_bytes()  # the preflight's

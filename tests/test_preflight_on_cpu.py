@@ -316,16 +316,7 @@ def test_parameter_counts_match_the_hf_models(tiny):
     assert tiny_shape.params == meta_parameters(AutoConfig.from_pretrained(tiny.model_dir)) == 94_784
     for name, params in ((M15, 1_777_088_000), (M7, 7_615_616_512)):
         shape = preflight.PAPER_MODELS[name]
-        hf = Qwen2Config(
-            hidden_size=shape.hidden,
-            num_hidden_layers=shape.layers,
-            intermediate_size=shape.intermediate,
-            vocab_size=shape.vocab,
-            num_attention_heads=shape.heads,
-            num_key_value_heads=shape.kv_heads,
-            tie_word_embeddings=shape.tied,
-        )
-        assert shape.params == meta_parameters(hf) == params
+        assert shape.params == meta_parameters(Qwen2Config(**shape.hf_config())) == params
 
 
 def test_the_estimate_of_the_tiny_model_term_by_term(tiny):
@@ -512,6 +503,7 @@ def test_a_local_config_json_wins_over_the_table(tmp_path):
     (folder / "config.json").write_text(json.dumps(hf))
     assert preflight.model_shape(str(folder)) == ModelShape(8, 1, 16, 10, 2, 1, tied=False, head_dim=8)
     assert preflight.model_shape(str(folder)).kv_dim == 8
+    assert ModelShape(8, 1, 16, 10, 2, 1, tied=False, head_dim=8).hf_config() == hf  # and back
 
 
 # ------------------------------------------------------------------ command line and main_disco

@@ -34,10 +34,12 @@ import numpy as np
 import torch
 
 from recipe.disco import objective as obj
+from recipe.disco.memory import GIB, PAPER_MODELS, Layout, estimate_memory
 
 ROLLOUT_N = 8
 CLIP_EPS, DUAL_CLIP = 0.2, 3.0  # verl's actor defaults: clip_ratio 0.2, clip_ratio_c 3.0
 MEMORY_ROWS, MEMORY_SEQUENCE = 4, 9216  # the 1.5B recipe's micro-batch: 4 x (1024 prompt + 8192 response)
+MEMORY_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
 
 def disco_modules() -> tuple[types.ModuleType, types.ModuleType]:
@@ -276,16 +278,8 @@ def measured_update_peak(steps: int = 2) -> int:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     dist.init_process_group("nccl", rank=0, world_size=1)
-    config = Qwen2Config(  # DeepSeek-R1-Distill-Qwen-1.5B's config.json
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
+    config = Qwen2Config(
+        **PAPER_MODELS[MEMORY_MODEL].hf_config(), max_position_embeddings=131072, attn_implementation="sdpa"
     )
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(config)  # fp32 master weights
@@ -309,19 +303,15 @@ def measured_update_peak(steps: int = 2) -> int:
         (-log_prob.float().mean()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(f"  step: peak allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        print(f"  step: peak allocated {torch.cuda.max_memory_allocated() / GIB:.1f} GiB", flush=True)
     dist.destroy_process_group()
     return torch.cuda.max_memory_allocated()
 
 
-def estimated_update_bytes() -> int | None:
-    """The preflight's update-phase estimate for the same model and layout, less its runtime term (None without
-    verl, which the preflight module imports)."""
-    try:
-        from recipe.disco import preflight
-    except ImportError:
-        return None
-    layout = preflight.Layout(
+def estimated_update_bytes() -> int:
+    """The preflight's update-phase estimate for the same model and layout, less its runtime term (CUDA contexts
+    and NCCL buffers are outside the allocator)."""
+    layout = Layout(
         shard_gpus=1,
         update_tokens=MEMORY_ROWS * MEMORY_SEQUENCE,
         log_prob_tokens=MEMORY_ROWS * MEMORY_SEQUENCE,
@@ -333,10 +323,9 @@ def estimated_update_bytes() -> int | None:
         trains=True,
         optimizer_state=True,
     )
-    shape = preflight.PAPER_MODELS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"]
-    terms = preflight.estimate_memory(shape, layout, card_bytes=0).phases["update"]
+    terms = estimate_memory(PAPER_MODELS[MEMORY_MODEL], layout, card_bytes=0).phases["update"]
     for term, value in terms.items():
-        print(f"  estimate {term}: {value / 2**30:.1f} GiB")
+        print(f"  estimate {term}: {value / GIB:.1f} GiB")
     return sum(terms.values()) - terms["runtime"]
 
 
@@ -377,8 +366,7 @@ def main() -> None:
         print(f"memory of the actor update, 1.5B shape, FSDP2 on 1 GPU, {MEMORY_ROWS} x {MEMORY_SEQUENCE} tokens:")
         measured = measured_update_peak()
         estimate = estimated_update_bytes()
-        shown = "not available here (the preflight imports verl)" if estimate is None else f"{estimate / 2**30:.1f} GiB"
-        print(f"  measured peak {measured / 2**30:.1f} GiB; estimate without runtime {shown}")
+        print(f"  measured peak {measured / GIB:.1f} GiB; estimate without runtime {estimate / GIB:.1f} GiB")
 
 
 if __name__ == "__main__":
