@@ -35,10 +35,10 @@ from verl.utils.config import omega_conf_to_dataclass, validate_config
 from verl.utils.tracking import FileLogger
 
 from recipe.disco import demo
+from recipe.disco.checks import validate
 from recipe.disco.config import DisCOPolicyLossConfig
 from recipe.disco.cpu import carry, tiny
 from recipe.disco.cpu.launch import run_trainer
-from recipe.disco.main_disco import validate
 from recipe.disco.objective import Answers, answer_coefficients
 from recipe.disco.plot import draw, plot_runs, read_log
 

@@ -85,6 +85,11 @@ def test_the_loss_computes_its_own_coefficients_only_where_global_micro_batches_
         ("algorithm.rollout_correction.bypass_mode=true", "bypass_mode=True", "bypass_mode=False"),
         ("algorithm.rollout_correction.rollout_is=token", "rollout_is=token", "rollout_is=None"),
         ("algorithm.rollout_correction.rollout_rs=token", "rollout_rs=token", "rollout_rs=None"),
+        (
+            "actor_rollout_ref.rollout.full_determinism=true",
+            "full_determinism=True: verl then seeds every request of a rollout replica alike",
+            "full_determinism=False",
+        ),
         ("critic.enable=true", "critic.enable=True", "critic.enable=False"),
         ("distillation.enabled=true", "distillation.enabled=True", "distillation.enabled=False"),
         ("actor_rollout_ref.actor.strategy=megatron", "strategy=megatron", "strategy=fsdp2"),

@@ -213,6 +213,65 @@ def test_verls_default_attention_needs_flash_attn(tiny, monkeypatch):
     assert sdpa.status == NOT_CHECKED and "attn_implementation=sdpa" in sdpa.detail
 
 
+def test_a_leftover_cpu_backend_flag_on_a_machine_with_cuda_gpus_is_a_problem(tiny, monkeypatch):
+    monkeypatch.delenv(preflight.CPU_BACKEND_ENV, raising=False)
+    assert item(preflight.preflight_checks(cpu_config(tiny)), "CPU backend").status == OK
+    monkeypatch.setenv(preflight.CPU_BACKEND_ENV, "1")
+    assert item(preflight.preflight_checks(cpu_config(tiny)), "CPU backend").status == OK  # the tests and the demo
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    check = item(preflight.preflight_checks(cpu_config(tiny)), "CPU backend")
+    assert check.status == PROBLEM
+    assert "DISCO_CPU_BACKEND=1 on a machine with 8 CUDA GPU(s)" in check.detail
+    assert "unset DISCO_CPU_BACKEND" in check.detail
+
+
+def tokenizer_variant(tiny, tmp_path, *, think_special: bool | None, template_opens_think: bool) -> Path:
+    """The tiny model's tokenizer saved with ``<think>``/``</think>`` as added tokens (special or not; None: no such
+    tokens) and a chat template that opens ``<think>`` in the generation prompt or not."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model_dir)
+    if think_special is not None:
+        tokenizer.add_tokens(["<think>", "</think>"], special_tokens=think_special)
+    if template_opens_think:
+        tokenizer.chat_template = tokenizer.chat_template.replace(
+            "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'"
+        )
+        assert "<think>" in tokenizer.chat_template
+    folder = tmp_path / f"tok_{think_special}_{template_opens_think}"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "think_special, template_opens_think, status, text",
+    [
+        (False, True, OK, "</think> survives decoding (the prompt opens it)"),
+        (False, False, OK, "</think> survives decoding (the model opens it)"),
+        (True, True, PROBLEM, "the tokenizer treats </think> as a special token"),
+        (None, False, PROBLEM, "neither the chat template opens <think> nor has the tokenizer a </think> token"),
+    ],
+)
+def test_the_reward_must_find_think_close_after_verls_decode(
+    tiny, tmp_path, think_special, template_opens_think, status, text
+):
+    folder = tokenizer_variant(tiny, tmp_path, think_special=think_special, template_opens_think=template_opens_think)
+    require = "reward.custom_reward_function.reward_kwargs.require_think=True"
+    config = cpu_config(tiny, f"actor_rollout_ref.model.tokenizer_path={folder}", require)
+    check = item(preflight.preflight_checks(config), "reasoning format")
+    assert (check.status, text in check.detail) == (status, True), check.detail
+    if status == PROBLEM:
+        assert "reward.custom_reward_function.reward_kwargs.require_think=True" in check.detail
+        assert "require_think=False" in check.detail  # the fix
+
+
+def test_the_reasoning_format_is_not_required_without_require_think_and_unchecked_without_a_tokenizer(tiny):
+    check = item(preflight.preflight_checks(cpu_config(tiny)), "reasoning format")  # the tiny task: require_think off
+    assert check.status == OK and "require_think=False" in check.detail
+    check = item(preflight.preflight_checks(paper_config("org/not-downloaded")), "reasoning format")
+    assert check.status == NOT_CHECKED and "huggingface-cli download org/not-downloaded" in check.detail
+
+
 def test_wandb_without_credentials_is_a_problem(tiny, clean_env, monkeypatch):
     config = cpu_config(tiny, "trainer.logger=[console,wandb]")
     check = item(preflight.preflight_checks(config, Gpus(0)), "wandb")
@@ -353,6 +412,7 @@ def test_the_estimate_of_the_tiny_model_term_by_term(tiny):
             "gathered FSDP units": 2 * 94_720,
             "activations": 640 * 3_200,
             "logits": 640 * 1_280,
+            "attention mask": 0,  # padded micro-batches (use_remove_padding=False)
             "runtime": RUNTIME,
         },
         "update": {
@@ -361,6 +421,7 @@ def test_the_estimate_of_the_tiny_model_term_by_term(tiny):
             "gathered FSDP units": 8 * 94_720,
             "activations": 640 * (256 + 3_200),
             "logits": 640 * 1_280,
+            "attention mask": 0,
             "runtime": RUNTIME,
         },
     }
@@ -467,6 +528,50 @@ def test_an_update_micro_batch_too_large_gets_the_number_of_tokens_that_fit():
     assert estimate.total("update") - (73_728 - fitting) * per_token <= H100  # that many do fit
     assert estimate.total("update") - (73_728 - fitting - 1) * per_token > H100  # one more does not
     assert "lower actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu" in check.detail
+
+
+SDPA_PACKED = (
+    "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+    "actor_rollout_ref.model.use_remove_padding=True",
+    "actor_rollout_ref.actor.use_dynamic_bsz=True",
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=36864",
+    "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=36864",
+)
+
+
+def test_packed_micro_batches_without_flash_attention_add_a_token_by_token_mask():
+    """The launch scripts' budget of 36,864 packed tokens with sdpa: 3 bytes per token pair (the boolean mask and
+    SDPA's bf16 additive copy), 3.8 GiB; nothing with flash-attention or padded micro-batches."""
+    shape = preflight.PAPER_MODELS[M15]
+
+    def mask(*extra):
+        config = paper_config(M15, *extra)
+        phases = preflight.estimate_memory(shape, preflight.layout_from_config(config), H100).phases
+        return phases["update"]["attention mask"], phases["old_log_prob"]["attention mask"]
+
+    assert mask(*SDPA_PACKED) == (3 * 36_864**2, 3 * 36_864**2)
+    assert round(3 * 36_864**2 / GIB, 1) == 3.8
+    flash = [o for o in SDPA_PACKED if "attn_implementation" not in o]
+    assert mask(*flash) == (0, 0)
+    assert mask(*SDPA_PACKED, "actor_rollout_ref.model.use_remove_padding=False") == (0, 0)
+
+
+def test_a_packed_sdpa_micro_batch_too_large_gets_the_tokens_that_fit_with_the_quadratic_mask():
+    config = paper_config(M15, *SDPA_PACKED, "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=98304")
+    estimate = preflight.estimate_memory(preflight.PAPER_MODELS[M15], preflight.layout_from_config(config), H100)
+    check = item(preflight.preflight_checks(config, Gpus(8, H100)), "GPU memory")
+    assert check.status == PROBLEM and "update: 98304 tokens per GPU per micro-batch are too many" in check.detail
+    assert "or use flash-attention" in check.detail
+    fitting = int(re.search(r"at most (\d+) fit", check.detail)[1])
+    update = estimate.phases["update"]
+    linear = (update["activations"] + update["logits"]) / 98_304
+    fixed = estimate.total("update") - linear * 98_304 - update["attention mask"]
+
+    def total(tokens: int) -> float:
+        return fixed + linear * tokens + 3 * tokens**2
+
+    assert total(fitting) <= H100 < total(fitting + 1)
 
 
 def test_an_engine_that_does_not_sleep_is_named_in_the_fix():

@@ -15,6 +15,8 @@ import warnings
 import verl
 from omegaconf import DictConfig
 from verl.trainer.distillation import is_distillation_enabled
+from verl.trainer.ppo.utils import need_critic, need_reference_policy
+from verl.utils.config import validate_config
 
 from recipe.disco.grouping import UpdateShape
 from recipe.disco.objective import DISCO
@@ -99,6 +101,13 @@ def _setting_problems(config: DictConfig) -> list[str]:
             correction.get("rollout_rs"),
             None,
             "rejection sampling would drop answers from their question's group",
+        ),
+        (
+            "actor_rollout_ref.rollout.full_determinism",
+            config.actor_rollout_ref.rollout.get("full_determinism", False),
+            False,
+            "verl then seeds every request of a rollout replica alike, so all n answers to a question are the same "
+            "and no question has both right and wrong answers (nothing to contrast)",
         ),
         ("critic.enable", bool(config.critic.enable), False, "DisCO uses no critic"),
         ("distillation.enabled", is_distillation_enabled(config.get("distillation")), False, "it replaces the loss"),
@@ -196,6 +205,13 @@ def config_problems(config: DictConfig) -> list[str]:
             f"mini-batch split and worker classes; install verl[verl-core]=={SUPPORTED_VERL}"
         )
     return problems + _setting_problems(config) + _batch_problems(config)
+
+
+def validate(config: DictConfig) -> None:
+    """DisCO's checks, then verl's own ``validate_config`` (both before Ray): what ``main_disco`` and the preflight
+    run on a composed config."""
+    check_config(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
 
 
 def check_config(config: DictConfig) -> None:

@@ -39,18 +39,10 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 from verl.trainer.main_ppo import run_ppo
-from verl.trainer.ppo.utils import need_critic, need_reference_policy
-from verl.utils.config import validate_config
 from verl.utils.device import auto_set_device
 
-from recipe.disco.checks import DisCOConfigError, check_config
+from recipe.disco.checks import DisCOConfigError, validate
 from recipe.disco.preflight import enforce_preflight
-
-
-def validate(config: DictConfig) -> None:
-    """DisCO's checks, then verl's own ``validate_config`` (both before Ray)."""
-    check_config(config)
-    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
 
 
 @hydra.main(config_path="config", config_name="disco_trainer", version_base=None)

@@ -84,6 +84,7 @@ class Layout:
     cpu_offload_policy: bool  # FSDP2 offload_policy: the sharded states stay in host memory in the update too
     trains: bool  # False with trainer.val_only
     optimizer_state: bool  # AdamW moments exist: in training, or loaded from a checkpoint with val_only
+    packed_dense_mask: bool = False  # packed micro-batches (use_remove_padding) with sdpa/eager attention
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,10 @@ def estimate_memory(shape: ModelShape, layout: Layout, card_bytes: int) -> Memor
       output, gate/up/SiLU/product of the MLP; and the gradients in flight). Logits 4V per token: verl keeps the
       bf16 logits and their temperature-scaled copy (fsdp/transformer_impl.py:98-103, 1382-1390), whose storage
       the flash-attn cross-entropy backward reuses for the gradient.
+    * Packed micro-batches without flash-attention (``use_remove_padding`` with sdpa or eager): transformers
+      builds one token-by-token boolean mask over the packed sequences (T^2 bytes, kept for the forward and the
+      recomputation), and SDPA turns it into an additive mask of the compute dtype at each call (2 T^2 in bf16):
+      3 T^2 per micro-batch, 3.8 GiB at T = 36864. Flash-attention takes the sequence boundaries instead.
     * The rollout engine's f C is not held in the actor passes when it sleeps: with ``free_cache_engine`` (default
       True, rollout.yaml:61) and ``enable_sleep_mode`` (default True, workers/config/rollout.py:268) verl's sync
       trainer puts it to sleep after sampling (trainer_sync.py:40-42 -> checkpoint_engine/base.py:467-469 ->
@@ -139,6 +144,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, card_bytes: int) -> Memor
     gathered = shape.vocab_params + 2 * shape.layer_params
     layer = 2 * (10 * shape.hidden + 2 * shape.kv_dim + 7 * shape.intermediate)
     logits = 4 * shape.vocab
+    mask_per_pair = 3 if layout.packed_dense_mask else 0
     phases = {
         "generation": {
             "rollout engine (gpu_memory_utilization x card)": layout.rollout_fraction * card_bytes,
@@ -155,6 +161,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, card_bytes: int) -> Memor
             "gathered FSDP units": 2 * gathered,
             "activations": layout.log_prob_tokens * layer,
             "logits": layout.log_prob_tokens * logits,
+            "attention mask": mask_per_pair * layout.log_prob_tokens**2,
             "runtime": RUNTIME_OVERHEAD_BYTES,
         }
         phases["update"] = {
@@ -163,6 +170,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, card_bytes: int) -> Memor
             "gathered FSDP units": 8 * gathered,
             "activations": layout.update_tokens * (2 * shape.layers * shape.hidden + layer),
             "logits": layout.update_tokens * logits,
+            "attention mask": mask_per_pair * layout.update_tokens**2,
             "runtime": RUNTIME_OVERHEAD_BYTES,
         }
     return MemoryEstimate(

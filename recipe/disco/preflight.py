@@ -9,9 +9,11 @@ or ``not checked`` (with the reason). The exit status is 1 if anything is a prob
 ``DRY_RUN=1``, and stops on a problem unless ``DISCO_IGNORE_PREFLIGHT=1``.
 
 Items: the train/val parquet files (exist, readable, DisCO's columns, enough rows for one step); the GPUs this node
-shows against ``trainer.n_gpus_per_node``; the rollout engine and the attention kernel import; wandb credentials
-when ``trainer.logger`` has wandb; free disk for the checkpoints kept; the per-GPU memory estimate
-(:func:`estimate_memory`) against the card. GPU items are ``not checked`` where no GPU is visible.
+shows against ``trainer.n_gpus_per_node``; a ``DISCO_CPU_BACKEND=1`` left set on a machine with CUDA GPUs; the
+rollout engine and the attention kernel import; that the model's tokenizer and chat template give the reward a
+``</think>`` to find; wandb credentials when ``trainer.logger`` has wandb; free disk for the checkpoints kept; the
+per-GPU memory estimate (:func:`estimate_memory`) against the card. GPU items are ``not checked`` where no GPU is
+visible.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipe.disco.checks import DEFAULT_ATTENTION, ulysses_size
-from recipe.disco.data import SCHEMA
+from recipe.disco.checks import DEFAULT_ATTENTION, DisCOConfigError, ulysses_size, validate
+from recipe.disco.data import PROMPT_SUFFIX, SCHEMA
 from recipe.disco.memory import GIB, PAPER_MODELS, Layout, MemoryEstimate, ModelShape, estimate_memory
 
 OK, PROBLEM, NOT_CHECKED = "ok", "PROBLEM", "not checked"
@@ -46,6 +48,9 @@ ENGINES = ("vllm", "sglang")  # the rollout engines that reserve gpu_memory_util
 ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
 # verl 0.9.1's default when override_config names none (verl/workers/config/model.py:185)
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+CPU_BACKEND_ENV = "DISCO_CPU_BACKEND"  # recipe.disco.cpu.ENV_FLAG, named here without importing the CPU backend
+REWARD_MODULE = "pkg://recipe.disco.reward"
+REQUIRE_THINK_KEY = "reward.custom_reward_function.reward_kwargs.require_think"
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ def layout_from_config(config: DictConfig) -> Layout:
         optimizer_offload=bool(actor.fsdp_config.optimizer_offload),
         cpu_offload_policy=actor.strategy == "fsdp2" and bool(actor.fsdp_config.get("offload_policy", False)),
         trains=not trainer.get("val_only", False),
+        packed_dense_mask=bool(config.actor_rollout_ref.model.use_remove_padding) and "flash" not in _attention(config),
         optimizer_state=not trainer.get("val_only", False)
         or (trainer.resume_mode != "disable" and "optimizer" in actor.checkpoint.load_contents),
     )
@@ -130,8 +136,10 @@ def preflight_checks(config: DictConfig, gpus: Gpus | None = None) -> list[Check
     return [
         *_data_checks(config),
         _gpu_count_check(config, gpus),
+        _cpu_backend_check(),
         _package_check("rollout engine", *_rollout_package(config)),
         _package_check("attention kernel", *_attention_package(config)),
+        _reasoning_format_check(config),
         _wandb_check(config),
         _disk_check(config, shape, shape_error),
         _memory_check(config, gpus, shape, shape_error),
@@ -242,6 +250,91 @@ def _gpu_count_check(config: DictConfig, gpus: Gpus) -> Check:
     return Check("GPUs", OK, f"{gpus.count} on this node for trainer.n_gpus_per_node={wanted} x nnodes={nodes}")
 
 
+def _cpu_backend_check() -> Check:
+    """``DISCO_CPU_BACKEND=1`` makes every process of the run take the CPU platform and, by the CPU overrides, the
+    ``hf`` stand-in rollout: on a GPU node it is a leftover from the demo or the tests, never what a run wants."""
+    import torch
+
+    item = "CPU backend"
+    if os.environ.get(CPU_BACKEND_ENV) != "1":
+        return Check(item, OK, f"{CPU_BACKEND_ENV} is not set")
+    cuda = torch.cuda.device_count()
+    if not cuda:
+        return Check(item, OK, f"{CPU_BACKEND_ENV}=1 on a machine without CUDA GPUs (tests and the demo)")
+    return Check(
+        item,
+        PROBLEM,
+        f"{CPU_BACKEND_ENV}=1 on a machine with {cuda} CUDA GPU(s): every verl process would run on the CPU "
+        f"platform meant for tests and the demo; unset it (unset {CPU_BACKEND_ENV}) before launching",
+    )
+
+
+def _reasoning_format_check(config: DictConfig) -> Check:
+    """The reward grades only what follows ``</think>`` (``require_think``, default True). verl decodes each
+    response with ``skip_special_tokens=True`` before the reward sees it, so a tokenizer that marks ``</think>``
+    special, or a model that never writes it, has every answer scored 0. Checked with the run's tokenizer and chat
+    template: a well-formed answer, tokenized and decoded as verl does, must give the reward its boxed answer."""
+    from recipe.disco.reward import THINK_CLOSE, THINK_OPEN, extract_answer
+
+    item = "reasoning format"
+    reward = config.reward.custom_reward_function
+    if reward.get("path") != REWARD_MODULE:
+        return Check(item, NOT_CHECKED, f"reward.custom_reward_function.path={reward.get('path')} is not DisCO's")
+    require_think = bool((reward.get("reward_kwargs") or {}).get("require_think", True))
+    tokenizer, error = _load_tokenizer(config)
+    if tokenizer is None:
+        return Check(item, NOT_CHECKED, error)
+    messages = [{"role": "user", "content": f"What is 1+1? {PROMPT_SUFFIX}"}]
+    template_kwargs = dict(config.data.get("apply_chat_template_kwargs") or {})
+    try:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+    except Exception as error:  # no template, or a template error: verl would fail the same way
+        return Check(item, PROBLEM, f"the tokenizer's chat template fails ({type(error).__name__}: {error})")
+    opens_think = prompt.rstrip().endswith(THINK_OPEN)
+    answer = f"{'' if opens_think else THINK_OPEN}1 plus 1 is 2.\n{THINK_CLOSE}\n\nThe answer is \\boxed{{2}}."
+    seen = tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False), skip_special_tokens=True)
+    key_value = f"{REQUIRE_THINK_KEY}={require_think}"
+    if not require_think:
+        return Check(item, OK, f"{key_value}: answers are graded without a reasoning block")
+    if extract_answer(seen, require_think=True) != "2":
+        return Check(
+            item,
+            PROBLEM,
+            f"{key_value}: the tokenizer treats {THINK_CLOSE} as a special token, and verl decodes responses with "
+            f"skip_special_tokens=True, so the reward never sees it and scores every answer 0 (decoded: {seen!r}); "
+            f"use a tokenizer where {THINK_CLOSE} is an ordinary token, or set ++{REQUIRE_THINK_KEY}=False",
+        )
+    if not opens_think and THINK_CLOSE not in tokenizer.get_vocab():
+        return Check(
+            item,
+            PROBLEM,
+            f"{key_value}: neither the chat template opens {THINK_OPEN} nor has the tokenizer a {THINK_CLOSE} "
+            f"token, so the model is not a reasoning model that writes {THINK_CLOSE}, and an answer without it "
+            f"scores 0; set ++{REQUIRE_THINK_KEY}=False (grades the whole answer) or use a reasoning model",
+        )
+    where = "the prompt opens it" if opens_think else "the model opens it"
+    return Check(item, OK, f"{key_value}: {THINK_CLOSE} survives decoding ({where}) and the reward finds the answer")
+
+
+def _load_tokenizer(config: DictConfig):
+    """The run's tokenizer from a local folder or the Hugging Face cache (no download: the preflight starts nothing
+    slow), and the reason when there is none."""
+    from transformers import AutoTokenizer
+
+    model = config.actor_rollout_ref.model
+    path = str(model.get("tokenizer_path") or model.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=bool(model.get("trust_remote_code", False)), local_files_only=True
+        )
+    except Exception as error:  # not downloaded yet, or unreadable
+        return None, (
+            f"actor_rollout_ref.model.path={path}: no tokenizer in a local folder or the Hugging Face cache "
+            f"({type(error).__name__}); download it first (huggingface-cli download {path}) to have it checked"
+        )
+    return tokenizer, ""
+
+
 def _rollout_name(config: DictConfig) -> str:
     """``rollout.name``, which verl's YAML leaves mandatory (``???``) for the launch to set."""
     return OmegaConf.select(config, f"{ROLLOUT}.name", throw_on_missing=False) or "???"
@@ -258,10 +351,14 @@ def _rollout_package(config: DictConfig) -> tuple[str, str, str | None, str]:
     )
 
 
-def _attention_package(config: DictConfig) -> tuple[str, str, str | None, str]:
+def _attention(config: DictConfig) -> str:
     override = config.actor_rollout_ref.model.get("override_config") or {}
-    name = override.get("attn_implementation", DEFAULT_ATTENTION)
-    plus = "" if "attn_implementation" in override else "+"
+    return override.get("attn_implementation", DEFAULT_ATTENTION)
+
+
+def _attention_package(config: DictConfig) -> tuple[str, str, str | None, str]:
+    name = _attention(config)
+    plus = "" if "attn_implementation" in (config.actor_rollout_ref.model.get("override_config") or {}) else "+"
     fix = (
         'install flash-attn 2.8.3 after torch (pip install --no-build-isolation "flash-attn==2.8.3", or a prebuilt '
         f"wheel: docs/install.md), or set {plus}{ATTN_KEY}=sdpa (not with Ulysses sequence parallelism)"
@@ -421,16 +518,21 @@ def _memory_fix(phase: str, estimate: MemoryEstimate, layout: Layout, card: int)
             f"set {ROLLOUT}.free_cache_engine=True (and {ROLLOUT}.enable_sleep_mode=True)"
         )
     tokens = layout.update_tokens if phase == "update" else layout.log_prob_tokens
-    per_token = (terms["activations"] + terms["logits"]) / tokens
-    fitting = max(int(tokens - excess / per_token), 0)
+    linear, quadratic = (terms["activations"] + terms["logits"]) / tokens, terms["attention mask"] / tokens**2
+    allowed = linear * tokens + quadratic * tokens**2 - excess  # bytes the token-dependent terms may take
+    if quadratic:  # the largest t with linear t + quadratic t^2 <= allowed
+        fitting = (math.sqrt(linear**2 + 4 * quadratic * max(allowed, 0)) - linear) / (2 * quadratic)
+    else:
+        fitting = allowed / linear
+    mask = ", or use flash-attention (sdpa holds a token-by-token mask of packed micro-batches)" if quadratic else ""
     key = (
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu (or ppo_max_token_len_per_gpu)"
         if phase == "update"
         else f"{ROLLOUT}.log_prob_micro_batch_size_per_gpu (or log_prob_max_token_len_per_gpu)"
     )
     return (
-        f"{phase}: {tokens} tokens per GPU per micro-batch are too many; at most {fitting} fit: lower {key} "
-        "or raise the Ulysses sequence parallel size"
+        f"{phase}: {tokens} tokens per GPU per micro-batch are too many; at most {max(int(fitting), 0)} fit: "
+        f"lower {key} or raise the Ulysses sequence parallel size{mask}"
     )
 
 
@@ -447,9 +549,6 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 
 def _settings_check(config: DictConfig) -> Check:
     """main_disco's configuration checks (DisCO's and verl's), as one report line."""
-    from recipe.disco.checks import DisCOConfigError
-    from recipe.disco.main_disco import validate
-
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # verl prints a success line
             validate(config)

@@ -80,6 +80,9 @@ SAVE_FREQ=${SAVE_FREQ:-20}
 # verl counts only the saves of the current launch: a resumed run leaves the earlier launch's last ones.
 MAX_CKPT_TO_KEEP=${MAX_CKPT_TO_KEEP:-2}
 VAL_N=${VAL_N:-16}
+# the step-0 validation (the base model's accuracy, the curve's first point): ~25,000 answers over the six sets,
+# then minutes of verl's metric bootstrap on the driver (docs/metrics.md#validation); VAL_BEFORE_TRAIN=False skips it
+VAL_BEFORE_TRAIN=${VAL_BEFORE_TRAIN:-True}
 VAL_TOP_P=${VAL_TOP_P:-0.95}
 PROJECT_NAME=${PROJECT_NAME:-DisCO}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-$MODEL_SIZE-$OBJECTIVE-$SCORE_FUNC}
@@ -161,7 +164,7 @@ trainer=(
     trainer.test_freq="$TEST_FREQ"
     trainer.save_freq="$SAVE_FREQ"
     trainer.max_actor_ckpt_to_keep="$MAX_CKPT_TO_KEEP"
-    trainer.val_before_train=True
+    trainer.val_before_train="$VAL_BEFORE_TRAIN"
     trainer.resume_mode=auto
     trainer.default_local_dir="$OUTPUT_DIR/checkpoints"
 )

@@ -14,12 +14,17 @@
 * ``_compute_metrics``, which adds ``disco/*`` question counts, reward outcome rates and the truncation rate to
   verl's metrics (:func:`step_metrics`).
 
+It also prints where a validation pass stands (``_validate``, ``_val_metrics_update``): verl prints nothing while it
+generates the validation answers and then bootstraps their metrics on the driver, which with the launch scripts'
+six sets x 16 answers takes minutes before the first training step and looks like a hang.
+
 :class:`DisCOTaskRunner` is the Ray task runner that builds this trainer (verl's ``TaskRunnerV1`` picks its
 trainer from a registry whose ``sync`` entry cannot be replaced).
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,6 +47,9 @@ from recipe.disco.reward import Outcome
 from recipe.disco.worker import COEFFICIENTS_IN_LOSS, DisCOActorRolloutRefWorker
 
 METRIC_PREFIX = "disco/"
+# verl's process_validation_metrics with DisCO's reward info (6 numeric keys and the answers for majority votes) at
+# 16 answers per question, measured on a 2-core CPU (docs/metrics.md#validation)
+BOOTSTRAP_S_PER_QUESTION = 0.31
 
 
 def _rows_of(batch: KVBatchMeta) -> tuple[list[str], list[bool]]:
@@ -145,6 +153,27 @@ class DisCOTrainer(PPOTrainerSync):
     def _update_actor(self, batch, metrics):
         batch.extra_info[COEFFICIENTS_IN_LOSS] = coefficients_in_loss(self.config)
         return super()._update_actor(batch, metrics)
+
+    def _validate(self):
+        questions, n = len(self.val_dataset), self.config.actor_rollout_ref.rollout.val_kwargs.n
+        print(
+            f"DisCO validation at step {self.global_steps}: {questions} questions x {n} answers (up to "
+            f"{self.config.data.max_response_length} tokens each) generated without progress output, then verl "
+            f"bootstraps their metrics on the driver (~{BOOTSTRAP_S_PER_QUESTION * questions / 60:.0f} min on a "
+            "2-core CPU at 16 answers per question)",
+            flush=True,
+        )
+        start = time.monotonic()
+        metrics = super()._validate()
+        print(f"DisCO validation at step {self.global_steps}: done in {time.monotonic() - start:.0f} s", flush=True)
+        return metrics
+
+    def _val_metrics_update(self, *args, **kwargs):
+        start = time.monotonic()
+        print("DisCO validation: answers generated and scored; verl's bootstrap of the metrics starts", flush=True)
+        metrics = super()._val_metrics_update(*args, **kwargs)
+        print(f"DisCO validation: bootstrap done in {time.monotonic() - start:.0f} s", flush=True)
+        return metrics
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
