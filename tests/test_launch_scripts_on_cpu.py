@@ -300,3 +300,16 @@ def test_a_relaunch_keeps_the_earlier_metrics_log_and_a_dry_run_writes_nothing(t
     kept = list(run_dir.glob("metrics.jsonl.*"))
     assert len(kept) == 1 and kept[0].read_text() == '{"step": 1, "data": {"critic/score/mean": 0.5}}\n'
     assert not metrics.exists()
+
+
+def test_the_first_run_check_composes_the_launch_script_with_lr_0_two_steps_and_a_small_validation(tmp_path):
+    code, out, err = run_script("first_run_check.sh", tmp_path, "trainer.nnodes=1")
+    assert code == 0, err
+    cfg = resolved_config(out)
+    assert cfg["actor_rollout_ref"]["actor"]["optim"]["lr"] == 0
+    assert cfg["actor_rollout_ref"]["model"]["path"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"  # the 1.5B script
+    assert cfg["trainer"]["total_training_steps"] == 2 and cfg["trainer"]["val_before_train"] is True
+    assert (cfg["trainer"]["resume_mode"], cfg["trainer"]["save_freq"]) == ("disable", -1)
+    assert (cfg["data"]["val_max_samples"], cfg["actor_rollout_ref"]["rollout"]["val_kwargs"]["n"]) == (64, 4)
+    assert cfg["data"]["val_files"] == [f"{tmp_path}/data/disco/math500.parquet"]
+    assert cfg["trainer"]["default_local_dir"] == f"{tmp_path}/disco_runs/first-run-check/checkpoints"
