@@ -148,7 +148,14 @@ def test_dry_run_defaults_are_the_papers_with_bounded_disk_fsdp2_and_a_metrics_f
     # old-log-prob pass on the same setting (verl asserts the two use_dynamic_bsz are equal)
     assert layout(cfg) == ((True, PAPER_BUDGET), (True, PAPER_BUDGET), 1)
     assert cfg["actor_rollout_ref"]["actor"]["strategy"] == "fsdp2" and engine_strategy(cfg) == "fsdp2"
-    assert cfg["actor_rollout_ref"]["rollout"]["gpu_memory_utilization"] == gpu_memory
+    rollout = cfg["actor_rollout_ref"]["rollout"]
+    assert rollout["gpu_memory_utilization"] == gpu_memory
+    # the original runs' scheduling limits; CUDA graphs on (the original had them off: ENFORCE_EAGER=True)
+    assert (rollout["max_num_seqs"], rollout["max_num_batched_tokens"], rollout["enforce_eager"]) == (
+        1024,
+        10240,
+        False,
+    )
     run_dir = tmp_path / "disco_runs" / f"{script[len('run_disco_') : -len('.sh')].upper()}-disco-{score_func}"
     assert cfg["trainer"]["default_local_dir"] == str(run_dir / "checkpoints")
     assert cfg["trainer"]["max_actor_ckpt_to_keep"] == 2

@@ -52,6 +52,13 @@ MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-8192}
 TEMPERATURE=${TEMPERATURE:-0.6}
 ROLLOUT_NAME=${ROLLOUT_NAME:-vllm}
 ROLLOUT_TP=${ROLLOUT_TP:-1}
+# The engine's scheduling limits of the original runs (up to 1024 sequences and 10240 tokens per engine step; verl's
+# defaults are 256 and 8192): they only decide how much vLLM batches at once, not what it samples. The original runs
+# also disabled CUDA graphs (enforce_eager=True); here they stay on, verl's default, since eager mode only slows
+# decoding: ENFORCE_EAGER=True reproduces the original engine exactly.
+MAX_NUM_SEQS=${MAX_NUM_SEQS:-1024}
+MAX_NUM_BATCHED_TOKENS=${MAX_NUM_BATCHED_TOKENS:-10240}
+ENFORCE_EAGER=${ENFORCE_EAGER:-False}
 
 # --- update layout: how the actor cuts a mini-batch into micro-batches (DisCO is exact under any layout).
 # The paper's runs used token-budget micro-batches (use_dynamic_bsz) of at most 36864 = 4 x (1024 + 8192)
@@ -147,6 +154,9 @@ rollout=(
     actor_rollout_ref.rollout.temperature="$TEMPERATURE"
     actor_rollout_ref.rollout.tensor_model_parallel_size="$ROLLOUT_TP"
     actor_rollout_ref.rollout.gpu_memory_utilization="$GPU_MEMORY_UTILIZATION"
+    actor_rollout_ref.rollout.max_num_seqs="$MAX_NUM_SEQS"
+    actor_rollout_ref.rollout.max_num_batched_tokens="$MAX_NUM_BATCHED_TOKENS"
+    actor_rollout_ref.rollout.enforce_eager="$ENFORCE_EAGER"
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$LOG_PROB_MICRO_BATCH_SIZE"
     actor_rollout_ref.rollout.val_kwargs.n="$VAL_N"
     actor_rollout_ref.rollout.val_kwargs.do_sample=True
