@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from recipe.disco.cpu.launch import cpu_overrides, run_trainer
-from recipe.disco.cpu.tiny import TinyBuild, build_tiny
+from recipe.disco.cpu.tiny import VLLM_MODEL_SHAPE, TinyBuild, build_tiny
 
 TINY_CACHE = Path(tempfile.gettempdir()) / "disco-tiny-cache"
 
@@ -79,3 +79,8 @@ def train_shared_run(root: Path) -> dict:
         timeout_s=LAUNCH_TIMEOUT_S,
     )
     return {"root": root, "records": records, "checkpoint_dir": checkpoint_dir, "rollout_dir": rollout_dir}
+
+
+def cached_vllm_build(seed: int = 0) -> TinyBuild:
+    """The tiny task with the head-dim-32 model vLLM's CPU attention needs (``tiny.VLLM_MODEL_SHAPE``), built once."""
+    return build_tiny(TINY_CACHE, seed, VLLM_MODEL_SHAPE)

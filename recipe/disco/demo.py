@@ -2,6 +2,7 @@
 
     python -m recipe.disco.demo [--task addition|carry] [--out DIR] [--compare grpo drgrpo disco-b lratio]
                                 [--steps N] [--seeds S [S ...]] [--lr LR | METHOD=LR ...] [--level R]
+                                [--rollout hf|vllm]
 
 It builds a tiny offline model and task into ``DIR`` (``--task addition``, the default: ``recipe.disco.cpu.tiny``;
 ``--task carry``: ``recipe.disco.cpu.carry``, questions with a wide spread of starting difficulty), trains it with
@@ -26,11 +27,18 @@ ranks, the ``hf`` rollout), prints verl's progress bar and per-step metrics, and
 config), ``drgrpo`` (the same without the std normalisation of the advantage, ``norm_adv_by_std_in_grpo=False``),
 ``disco-b`` (``objective=disco-b``) and ``lratio`` (``score_func=Lratio``, tau=1 as in the paper). ``--lr`` sets
 the learning rate of every method, or per method with ``METHOD=LR``.
+
+``--rollout vllm`` generates with verl's own vLLM rollout instead of the ``hf`` stand-in, in the environment of
+``recipe/disco/cpu/vllm_env.sh`` (vLLM's CPU build, ``recipe.disco.cpu.vllm``): the engine starts from dummy weights
+and becomes the model at the actor's first weight sync, as on GPUs. vLLM's CPU attention needs a head dimension of
+32, so the addition task is built with ``tiny.VLLM_MODEL_SHAPE`` (``tiny-vllm-seed<S>``; its figures differ from
+the default build's).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -49,7 +57,7 @@ import torch
 from recipe.disco.config import DisCOPolicyLossConfig
 from recipe.disco.cpu import carry
 from recipe.disco.cpu.launch import cpu_overrides, run_trainer
-from recipe.disco.cpu.tiny import DATA_SOURCE, TinyBuild, build_tiny
+from recipe.disco.cpu.tiny import DATA_SOURCE, VLLM_MODEL_SHAPE, TinyBuild, build_tiny
 from recipe.disco.objective import Answers, answer_coefficients
 from recipe.disco.plot import CONFIDENCE, mean_and_halfwidth, plot_runs, smoothed, student_t_cdf
 
@@ -183,6 +191,7 @@ def method_command(
     lr: float = BUDGET["lr"],
     task: str = "addition",
     rollout_dir: Path | None = None,
+    rollout: str = "hf",
 ) -> tuple[str, list[str]]:
     """The module and arguments of one method's run: the CPU launcher's, the demo's budget and task, then the
     method's."""
@@ -197,7 +206,7 @@ def method_command(
         *TASKS[task].overrides,
         *([f"trainer.rollout_data_dir={rollout_dir}"] if rollout_dir is not None else []),
     ]
-    budget = {**BUDGET, "lr": lr}
+    budget = {**BUDGET, "lr": lr, "rollout": rollout}
     return method.module, [*method.flags, *cpu_overrides(build, steps=steps, **budget), *demo, *method.overrides]
 
 
@@ -221,12 +230,14 @@ def _short(value: str) -> str:
         return value
 
 
-def run_method(name: str, build: TinyBuild, workdir: Path, steps: int, seed: int, lr: float, task: str) -> list[dict]:
+def run_method(
+    name: str, build: TinyBuild, workdir: Path, steps: int, seed: int, lr: float, task: str, rollout: str = "hf"
+) -> list[dict]:
     """Train one method from ``workdir`` (or reuse its finished run of the same command); return its file-logger
     records (``workdir/metrics.jsonl``), with the carry task's per-bucket records written to
     ``workdir/difficulty.jsonl``."""
     rollout_dir = workdir / "rollouts" if TASKS[task].by_difficulty else None
-    module, args = method_command(name, build, steps, seed, lr, task, rollout_dir)
+    module, args = method_command(name, build, steps, seed, lr, task, rollout_dir, rollout)
     done = workdir / "done.json"
     command = {"module": module, "args": args}
     if done.is_file() and json.loads(done.read_text()) == command:
@@ -546,8 +557,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--seeds", "--seed", nargs="+", type=int, default=[0], help="seeds: tiny build, question order, sampling"
     )
     parser.add_argument("--lr", nargs="+", default=[str(BUDGET["lr"])], help="learning rate, or METHOD=LR each")
+    parser.add_argument(
+        "--rollout", choices=("hf", "vllm"), default="hf", help="hf stand-in (default) or verl's vLLM rollout"
+    )
     args = parser.parse_args(argv)
     task, steps = TASKS[args.task], args.steps
+    if args.rollout == "vllm":
+        if args.task != "addition":
+            parser.error("--rollout vllm: only the addition task has a build vLLM's CPU attention runs")
+        if importlib.util.find_spec("vllm") is None:
+            parser.error("--rollout vllm needs vLLM's CPU build: bash recipe/disco/cpu/vllm_env.sh .venv-vllm")
+        task = Task(partial(build_tiny, shape=VLLM_MODEL_SHAPE))
     if steps < WINDOW:
         parser.error(f"--steps {steps}: the summary averages {WINDOW} steps; give at least {WINDOW}")
     names = ["disco", *dict.fromkeys(args.compare)]
@@ -563,7 +583,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = {(name, seed): out / name / (f"seed{seed}" if len(seeds) > 1 else "") for seed in seeds for name in names}
     try:
         records = {
-            (name, seed): run_method(name, builds[seed], workdir, steps, seed, learning_rates[name], args.task)
+            (name, seed): run_method(
+                name, builds[seed], workdir, steps, seed, learning_rates[name], args.task, args.rollout
+            )
             for (name, seed), workdir in runs.items()
         }
     except AssertionError as error:  # run_trainer's report of a failed run, with the log's tail

@@ -10,7 +10,8 @@ full list):
 ``actor_rollout_ref.rollout.name=hf``, ``actor_rollout_ref.actor.strategy=fsdp2``,
 ``+actor_rollout_ref.model.override_config.attn_implementation=sdpa``, ``trainer.device=cpu``,
 ``+ray_kwargs.ray_init.num_gpus=<n_gpus_per_node>`` (logical GPUs) and ``ray_kwargs.ray_init.num_cpus=16``
-(logical CPUs, enough for verl's helper actors).
+(logical CPUs, enough for verl's helper actors). verl's real vLLM rollout (``rollout.name=vllm``) runs too, in the
+environment of ``recipe/disco/cpu/vllm_env.sh``: see ``recipe.disco.cpu.vllm``.
 """
 
 import logging
@@ -34,9 +35,10 @@ def maybe_activate() -> None:
         return
     os.environ["VERL_PLATFORM"] = "cpu"
     try:
-        from recipe.disco.cpu import platform
+        from recipe.disco.cpu import platform, vllm
 
         _register_rollout()
+        vllm.install()  # vLLM CPU patches, for rollout.name=vllm: inert without vLLM or on vLLM's CUDA platform
         platform.activate()
     except Exception:
         logger.exception("the DisCO CPU backend (%s=1) failed to activate in process %d", ENV_FLAG, os.getpid())

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from recipe.disco.cpu import vllm
 from recipe.disco.cpu.tiny import TinyBuild
 
 ECHO_POLL_S = 0.2  # how often run_trainer(echo=...) reads new log lines
@@ -30,13 +31,19 @@ def cpu_overrides(
     rollout_n: int = 4,
     lr: float = 3e-4,
     mini_batches: int = 1,
+    rollout: str = "hf",
 ) -> list[str]:
     """Overrides for verl's trainer on CPU with the tiny build; the caller adds the algorithm's own.
 
     ``n_gpus`` simulated data-parallel ranks (logical Ray GPUs, gloo), all ranks sharing one ``hf`` rollout
     server; ``mini_batches`` mini-batches (optimizer steps) per training step, one micro-batch per rank and
     mini-batch; the v1 trainer's replay buffer polls every 0.05 s instead of 2 s (``recipe.disco.cpu.sampler``).
+    ``rollout="vllm"``: verl's vLLM rollout instead (``recipe.disco.cpu.vllm``; needs the environment of
+    ``vllm_env.sh`` and a build of ``tiny.VLLM_MODEL_SHAPE``), one replica of ``n_gpus`` tensor-parallel workers.
     """
+    if rollout not in ("hf", "vllm"):
+        raise ValueError(f"unknown CPU rollout {rollout!r}")
+    rollout_overrides = ["actor_rollout_ref.rollout.name=hf"] if rollout == "hf" else vllm.run_settings()[0]
     prompts_per_mini_batch = prompts_per_step // mini_batches
     answers_per_rank = prompts_per_mini_batch * rollout_n // n_gpus
     return [
@@ -56,7 +63,7 @@ def cpu_overrides(
         "actor_rollout_ref.actor.use_torch_compile=False",
         "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
         f"actor_rollout_ref.actor.optim.lr={lr}",
-        "actor_rollout_ref.rollout.name=hf",
+        *rollout_overrides,
         f"actor_rollout_ref.rollout.n={rollout_n}",
         f"actor_rollout_ref.rollout.tensor_model_parallel_size={n_gpus}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={answers_per_rank}",
@@ -94,12 +101,41 @@ def run_trainer(
     ``workdir`` must not hold modules named like the plugin's (Ray puts the driver's directory on the workers'
     path). Each record is ``{"step": int, "data": {metric: value}}``, one per training step. The output goes to
     ``workdir/trainer.log``, and while the run lasts each of its lines to ``echo`` if given; a failure or timeout
-    raises with its tail.
+    raises with its tail. With ``actor_rollout_ref.rollout.name=vllm`` the run also gets vLLM's CPU environment
+    (``vllm.run_settings``; variables already set win), and the shared-memory segments its engines leave in
+    ``/dev/shm`` are removed afterwards.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_file, log_file = workdir / "metrics.jsonl", workdir / "trainer.log"
     env = {**os.environ, "DISCO_CPU_BACKEND": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "actor_rollout_ref.rollout.name=vllm" not in overrides:
+        return _run(module, overrides, workdir, timeout_s, echo, env, log_file, metrics_file)
+    env = {**vllm.run_settings()[1], **env}
+    shm_before = _shm_leftovers()
+    try:
+        return _run(module, overrides, workdir, timeout_s, echo, env, log_file, metrics_file)
+    finally:
+        for path in _shm_leftovers() - shm_before:
+            path.unlink(missing_ok=True)
+
+
+def _shm_leftovers() -> set[Path]:
+    """The files in /dev/shm that ended vLLM CPU engines leave behind (``vllm.SHM_PATTERNS``)."""
+    shm = Path("/dev/shm")
+    return {path for pattern in vllm.SHM_PATTERNS for path in shm.glob(pattern)} if shm.is_dir() else set()
+
+
+def _run(
+    module: str,
+    overrides: list[str],
+    workdir: Path,
+    timeout_s: float,
+    echo: Callable[[str], None] | None,
+    env: dict[str, str],
+    log_file: Path,
+    metrics_file: Path,
+) -> list[dict]:
     with open(log_file, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", module, *overrides],

@@ -55,6 +55,9 @@ VOCAB_SIZE = 320
 MODEL_SHAPE = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
+# vLLM's CPU attention supports head dims of 32 and up (vllm/v1/attention/backends/cpu_attn.py,
+# get_supported_head_sizes), MODEL_SHAPE's is 16: the vLLM rollout on CPU uses this variant, head dim 32.
+VLLM_MODEL_SHAPE = {**MODEL_SHAPE, "num_attention_heads": 2, "num_key_value_heads": 1}
 WARM_START = dict(steps=250, lr=3e-3, boxed_fraction=0.3)
 # A finished build is reused only if it was made with this specification (bump "version" when the code changes).
 SPEC = {
@@ -127,8 +130,8 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A randomly initialised Qwen2 causal LM sized for the tokenizer (call ``torch.manual_seed`` first)."""
+def build_model(tokenizer: PreTrainedTokenizerBase, shape: dict = MODEL_SHAPE) -> PreTrainedModel:
+    """A randomly initialised Qwen2 causal LM of ``shape``, sized for the tokenizer (``torch.manual_seed`` first)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -138,7 +141,7 @@ def build_model(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **MODEL_SHAPE,
+        **shape,
     )
     model = Qwen2ForCausalLM(config)
     model.generation_config.bos_token_id = None
@@ -219,10 +222,14 @@ def _right_padded(
     return input_ids, attention_mask, labels
 
 
-def build_tiny(directory: str | os.PathLike, seed: int = 0) -> TinyBuild:
-    """Build (or reuse) the tiny model, tokenizer and train/val parquet files under ``directory/tiny-seed<seed>``."""
-    target = Path(directory) / f"tiny-seed{seed}"
-    build_once(target, {**SPEC, "seed": seed}, lambda staging: _write_build(staging, seed))
+def build_tiny(directory: str | os.PathLike, seed: int = 0, shape: dict = MODEL_SHAPE) -> TinyBuild:
+    """Build (or reuse) the tiny model, tokenizer and train/val parquet files under ``directory/tiny-seed<seed>``
+    (``tiny-vllm-seed<seed>`` for ``shape=VLLM_MODEL_SHAPE``, the vLLM rollout's)."""
+    if shape not in (MODEL_SHAPE, VLLM_MODEL_SHAPE):
+        raise ValueError(f"no tiny build of shape {shape}")
+    variant = "" if shape == MODEL_SHAPE else "vllm-"
+    target = Path(directory) / f"tiny-{variant}seed{seed}"
+    build_once(target, {**SPEC, **shape, "seed": seed}, lambda staging: _write_build(staging, seed, shape))
     return build_at(target)
 
 
@@ -256,12 +263,12 @@ def _read_spec(target: Path) -> dict | None:
     return json.loads(spec_file.read_text()) if spec_file.exists() else None
 
 
-def _write_build(directory: Path, seed: int) -> None:
+def _write_build(directory: Path, seed: int, shape: dict = MODEL_SHAPE) -> None:
     splits = split_problems(seed)
     tokenizer = build_tokenizer(corpus(splits["train"] + splits["val"]))
     with torch.random.fork_rng():  # leaves the caller's random state alone
         torch.manual_seed(seed)
-        model = build_model(tokenizer)
+        model = build_model(tokenizer, shape)
         warm_start(model, tokenizer, splits["train"] + splits["val"], seed)
     tokenizer.save_pretrained(directory / "model")
     model.save_pretrained(directory / "model")

