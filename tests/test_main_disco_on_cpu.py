@@ -45,6 +45,19 @@ def test_the_paper_setting_passes():
             "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
             "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=4096",
         ],
+        # LoRA (verl's vLLM rollout loads the adapter): only which parameters train changes
+        [
+            "actor_rollout_ref.model.lora_rank=8",
+            "actor_rollout_ref.model.lora_alpha=16",
+            "actor_rollout_ref.model.target_modules=all-linear",
+        ],
+        [  # and on the CPU backend through vLLM's CPU build, its LoRA layers sharded (recipe.disco.cpu.vllm)
+            "actor_rollout_ref.model.lora_rank=8",
+            "trainer.device=cpu",
+            "actor_rollout_ref.rollout.name=vllm",
+            "actor_rollout_ref.rollout.tensor_model_parallel_size=2",
+            "+actor_rollout_ref.model.lora.fully_sharded_loras=True",
+        ],
     ],
 )
 def test_layouts_users_run_are_accepted(overrides):
@@ -109,6 +122,16 @@ def test_the_loss_computes_its_own_coefficients_only_where_global_micro_batches_
             "ulysses_sequence_parallel_size=2 with attn_implementation=sdpa",
             "install flash-attn",
         ),
+        (  # with the CPU backend's hf rollout (extra override): it takes full weights, not LoRA adapters
+            "actor_rollout_ref.model.lora_rank=8",
+            "lora_rank=8 with actor_rollout_ref.rollout.name=hf",
+            "set actor_rollout_ref.rollout.name=vllm",
+        ),
+        (  # LoRA through vLLM's CPU build with tensor parallelism 2 (extra overrides), its LoRA layers unsharded
+            "trainer.device=cpu",
+            "fully_sharded_loras=False with LoRA (lora_rank=8) and rollout.tensor_model_parallel_size=2",
+            "set +actor_rollout_ref.model.lora.fully_sharded_loras=True",
+        ),
     ],
 )
 def test_each_refused_setting_has_one_message_naming_key_value_and_fix(override, key, fix):
@@ -120,6 +143,12 @@ def test_each_refused_setting_has_one_message_naming_key_value_and_fix(override,
         "actor_rollout_ref.rollout.n=1": [f"{LOG_PROB_MICRO}=4"],  # 32 prompts x 1 answer / 8 ranks
         "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2": [
             "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"
+        ],
+        "actor_rollout_ref.model.lora_rank=8": ["actor_rollout_ref.rollout.name=hf"],
+        "trainer.device=cpu": [
+            "actor_rollout_ref.model.lora_rank=8",
+            "actor_rollout_ref.rollout.name=vllm",
+            "actor_rollout_ref.rollout.tensor_model_parallel_size=2",
         ],
     }
     problems = problems_with(override, *extra.get(override, []))

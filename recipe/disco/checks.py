@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 
 import verl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from verl.trainer.distillation import is_distillation_enabled
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import validate_config
@@ -24,6 +24,7 @@ from recipe.disco.objective import DISCO
 SUPPORTED_VERL = "0.9.1"
 ACTOR = "actor_rollout_ref.actor"
 FSDP_STRATEGIES = ("fsdp", "fsdp2")
+CPU_HF_ROLLOUT = "hf"  # the CPU backend's HF-generate stand-in rollout (recipe.disco.cpu.ROLLOUT_NAME)
 DEFAULT_ATTENTION = "flash_attention_2"  # verl's default attn_implementation (verl/workers/config/model.py)
 
 
@@ -66,6 +67,13 @@ def ulysses_size(config: DictConfig) -> int:
     """The actor's Ulysses sequence-parallel size (verl reads fsdp_config's key; the actor-level one is deprecated)."""
     actor, key = config.actor_rollout_ref.actor, "ulysses_sequence_parallel_size"
     return max(actor.get(key, 1), actor.fsdp_config.get(key, 1))
+
+
+def lora_adapter_rank(config: DictConfig) -> int:
+    """The rank of the LoRA adapter that verl's FSDP engine trains and syncs to the rollout as an adapter
+    (``model.lora_rank``; 0: none, or ``model.lora.merge``, under which it syncs full merged weights instead)."""
+    model = config.actor_rollout_ref.model
+    return 0 if (model.get("lora") or {}).get("merge", False) else model.get("lora_rank", 0) or 0
 
 
 def _setting_problems(config: DictConfig) -> list[str]:
@@ -129,6 +137,27 @@ def _setting_problems(config: DictConfig) -> list[str]:
             f"attn_implementation={attention}: verl inserts Ulysses' all-to-all only into transformers' "
             "flash-attention path, so each rank would attend within its own slice of the sequence and the log-probs "
             "would be wrong; install flash-attn (docs/install.md) or set ulysses_sequence_parallel_size=1"
+        )
+    lora_rank = lora_adapter_rank(config)
+    rollout = config.actor_rollout_ref.rollout
+    rollout_name = OmegaConf.select(config, "actor_rollout_ref.rollout.name")  # None while unset (???)
+    if lora_rank and rollout_name == CPU_HF_ROLLOUT:
+        problems.append(
+            f"actor_rollout_ref.model.lora_rank={lora_rank} with actor_rollout_ref.rollout.name={CPU_HF_ROLLOUT}: "
+            "the CPU backend's HF-generate stand-in rollout loads full weights only, not LoRA adapters (it would fail "
+            "at the first weight sync); set actor_rollout_ref.rollout.name=vllm (on the CPU: "
+            "recipe/disco/cpu/vllm_env.sh), or actor_rollout_ref.model.lora.merge=True (verl then syncs the merged "
+            "weights, rounded to bf16)"
+        )
+    sharded = (config.actor_rollout_ref.model.get("lora") or {}).get("fully_sharded_loras", False)
+    tp = rollout.tensor_model_parallel_size
+    if lora_rank and config.trainer.device == "cpu" and rollout_name == "vllm" and tp > 1 and not sharded:
+        problems.append(
+            f"actor_rollout_ref.model.lora.fully_sharded_loras={sharded} with LoRA (lora_rank={lora_rank}) and "
+            f"rollout.tensor_model_parallel_size={tp} on vLLM's CPU build: its unsharded LoRA layers gather {tp} "
+            "times the LoRA rank over the tensor-parallel workers, which the CPU LoRA ops refuse (the engine dies at "
+            "the first generate); set +actor_rollout_ref.model.lora.fully_sharded_loras=True or "
+            "actor_rollout_ref.rollout.tensor_model_parallel_size=1"
         )
     if config.actor_rollout_ref.rollout.n < 2:
         problems.append(

@@ -117,6 +117,13 @@ def run_settings() -> tuple[list[str], dict[str, str]]:
         f"{rollout}.enforce_eager=True",  # no torch.compile/graph capture: minutes of start-up on 2 cores
         f"{rollout}.free_cache_engine=False",  # no sleep/wake: vLLM's CPU worker does not support sleep mode
         f"+{rollout}.enable_sleep_mode=False",  # vLLM refuses it on CPU (vllm/config/model.py:520-522)
+        # LoRA (model.lora_rank > 0; ignored without): verl then passes vLLM fully_sharded_loras=True
+        # (verl/workers/rollout/vllm_rollout/vllm_async_server.py:433-434). Without it, vLLM 0.24.0's merged-column
+        # LoRA layers with tensor parallelism all-gather each rank's full-rank LoRA-A output
+        # (vllm/lora/layers/column_parallel_linear.py:330-344, 64), tp times the rank, which the CPU's torch expand op
+        # refuses (vllm/lora/ops/torch_ops/lora_ops.py:123: the engine dies at the first generate with the adapter);
+        # sharded, each rank computes its slice of the rank and the gather makes it whole
+        "+actor_rollout_ref.model.lora.fully_sharded_loras=True",
         # the actor in fp32 too (verl's FSDP default computes in bf16): rollout and actor log-probs then agree to
         # ~1e-6, so a test can tell a weight sync that works from one that does not
         "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
