@@ -114,6 +114,10 @@ def test_build_is_deterministic_and_reused(tmp_path, monkeypatch):
     same code for longer, and building it again would cost 40 s."""
     monkeypatch.setitem(carry.WARM_START, "steps", 3)
     monkeypatch.setattr(carry, "START_SAMPLES", 2)
+    with pytest.raises(RuntimeError, match="warm start did not converge for seed 0: questions without a carry"):
+        carry.build_carry(tmp_path / "first", 0)  # 3 steps teach nothing: such a build is refused, and not kept
+    assert not (tmp_path / "first" / "carry-seed0").exists()
+    monkeypatch.setattr(carry, "_check_converged", lambda start_p, seed: None)
     first = carry.build_carry(tmp_path / "first", 0)
     torch.manual_seed(1234)
     random.seed(1234)
