@@ -281,6 +281,9 @@ def _reasoning_format_check(config: DictConfig) -> Check:
     if reward.get("path") != REWARD_MODULE:
         return Check(item, NOT_CHECKED, f"reward.custom_reward_function.path={reward.get('path')} is not DisCO's")
     require_think = bool((reward.get("reward_kwargs") or {}).get("require_think", True))
+    key_value = f"{REQUIRE_THINK_KEY}={require_think}"
+    if not require_think:
+        return Check(item, OK, f"{key_value}: answers are graded without a reasoning block")
     tokenizer, error = _load_tokenizer(config)
     if tokenizer is None:
         return Check(item, NOT_CHECKED, error)
@@ -293,9 +296,6 @@ def _reasoning_format_check(config: DictConfig) -> Check:
     opens_think = prompt.rstrip().endswith(THINK_OPEN)
     answer = f"{'' if opens_think else THINK_OPEN}1 plus 1 is 2.\n{THINK_CLOSE}\n\nThe answer is \\boxed{{2}}."
     seen = tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False), skip_special_tokens=True)
-    key_value = f"{REQUIRE_THINK_KEY}={require_think}"
-    if not require_think:
-        return Check(item, OK, f"{key_value}: answers are graded without a reasoning block")
     if extract_answer(seen, require_think=True) != "2":
         return Check(
             item,
