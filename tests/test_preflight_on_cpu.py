@@ -323,27 +323,31 @@ def test_checkpoints_on_disk_follow_verls_save_and_rotation(overrides, expected)
     assert preflight.checkpoints_on_disk(compose_disco(overrides), train_rows=40315) == expected
 
 
-def test_too_little_disk_for_the_checkpoints_kept_names_the_key_and_a_number_that_fits(tiny, tmp_path):
+@pytest.mark.parametrize("fit, fix", [(5, "set trainer.max_actor_ckpt_to_keep=5"), (1, "free disk space")])
+def test_too_little_disk_for_the_checkpoints_kept_names_the_key_and_a_number_that_fits(
+    tiny, tmp_path, monkeypatch, fit, fix
+):
+    size = 1_777_088_000 * 12  # 21.3 GB per 1.5B checkpoint
+    free = int((fit + 0.5) * size)  # controlled, not this machine's disk
+    measured = []
+    monkeypatch.setattr(
+        preflight.shutil, "disk_usage", lambda path: measured.append(Path(path)) or types.SimpleNamespace(free=free)
+    )
     out = tmp_path / "run" / "checkpoints"  # not created yet: the free space of its first existing parent counts
     config = cpu_config(
         tiny,
-        f"actor_rollout_ref.model.path={M15}",  # 21.3 GB per checkpoint
+        f"actor_rollout_ref.model.path={M15}",
         "trainer.save_freq=1",
         "trainer.total_training_steps=1000000",  # a million kept checkpoints fit on no disk
         f"trainer.default_local_dir={out}",
     )
     check = item(preflight.preflight_checks(config, Gpus(0)), "checkpoint disk")
-    assert check.status == PROBLEM
-    size = 1_777_088_000 * 12
-    assert check.detail.startswith(
+    assert check.status == PROBLEM and measured == [tmp_path]
+    assert check.detail == (
         f"trainer.max_actor_ckpt_to_keep=None: 1000000 checkpoint(s) of {size / GIB:.1f} GiB = "
-        f"{1000000 * size / GIB:.1f} GiB; "
+        f"{1000000 * size / GIB:.1f} GiB; {free / GIB:.1f} GiB free under trainer.default_local_dir={out}; "
+        f"{fix}, or point OUTPUT_DIR (trainer.default_local_dir) to a larger disk"
     )
-    assert f"under trainer.default_local_dir={out}; " in check.detail
-    free = float(re.search(r"; ([\d.]+) GiB free", check.detail)[1]) * GIB  # rounded to 0.1 GiB
-    keep = int(re.search(r"set trainer\.max_actor_ckpt_to_keep=(\d+)", check.detail)[1])  # as many as fit
-    assert keep * size <= free + 0.05 * GIB and free - 0.05 * GIB < (keep + 1) * size
-    assert check.detail.endswith("or point OUTPUT_DIR (trainer.default_local_dir) to a larger disk")
 
 
 def test_checkpoints_that_fit_pass_and_unknown_models_are_not_checked(tiny, tmp_path):
