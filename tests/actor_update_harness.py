@@ -37,6 +37,7 @@ class Recorder:
     params: list[dict[str, torch.Tensor]] = field(default_factory=list)
     grads: list[dict[str, torch.Tensor]] = field(default_factory=list)
     extra_forward_passes: int = 0  # the worker's no-grad passes at the current parameters
+    outputs: list = field(default_factory=list)  # what each update_actor call returned
 
     def wrap(self, engine) -> None:
         step = engine.optimizer_step
@@ -119,16 +120,20 @@ def _varlen_causal_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool, 
     )
 
 
-def build_worker(config):
-    """DisCO's worker with the engine in float64 (:func:`allow_float64_engine`)."""
+def build_worker(config, worker_cls: type | None = None):
+    """DisCO's worker (``worker_cls``, the hybrid one if None) with the engine in float64
+    (:func:`allow_float64_engine`)."""
     allow_float64_engine()
-    return actor.build_worker(config)
+    return actor.build_worker(config, worker_cls)
 
 
-def update_one_step(worker, config, step: StepBatch, rank: int, world: int, temperature: float) -> Recorder:
+def update_one_step(
+    worker, config, step: StepBatch, rank: int, world: int, temperature: float, recorder: Recorder | None = None, **kw
+) -> Recorder:
     """``recipe.disco.cpu.actor.update`` (old log-probs, advantages, ``update_actor`` for this rank's share, as
-    verl's v1 trainer does), recording each optimizer step and counting the worker's extra forward passes."""
-    recorder = Recorder()
+    verl's v1 trainer does; ``kw`` are its ``old`` and ``old_at_live_parameters``), recording each optimizer step
+    and counting the worker's extra forward passes (into ``recorder``, a new one if None)."""
+    recorder = recorder or Recorder()
     recorder.wrap(worker.actor.engine)
     forward = worker.actor._log_probs_at_current_parameters
 
@@ -138,7 +143,7 @@ def update_one_step(worker, config, step: StepBatch, rank: int, world: int, temp
 
     worker.actor._log_probs_at_current_parameters = counted
     try:
-        actor.update(worker, config, step, rank, world, temperature)
+        recorder.outputs.append(actor.update(worker, config, step, rank, world, temperature, **kw))
     finally:
         worker.actor._log_probs_at_current_parameters = forward
         del worker.actor.engine.optimizer_step  # back to the engine's own method
@@ -157,42 +162,60 @@ def reference_gradients(
 ) -> list[dict[str, torch.Tensor]]:
     """For each recorded optimizer step j: the float64 gradient of L over mini-batch j's questions at the recorded
     parameters, pi_old being the parameters before the first step (tests/disco_reference.py computes L)."""
+    rows_per_mini_batch = config.actor_rollout_ref.actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
+    return [
+        reference_gradient(
+            model_dir,
+            params,
+            recorder.params[0],
+            step.rows(mini_batch_rows(len(step), dp_size, rows_per_mini_batch, j)),
+            config,
+            temperature,
+        )
+        for j, params in enumerate(recorder.params)
+    ]
+
+
+def reference_gradient(
+    model_dir: str,
+    params: dict[str, torch.Tensor],
+    old_params: dict[str, torch.Tensor],
+    rows: StepBatch,
+    config,
+    temperature: float,
+) -> dict[str, torch.Tensor]:
+    """The float64 gradient of L over ``rows`` (whole questions) at ``params``, with pi_old the policy of
+    ``old_params`` (tests/disco_reference.py computes L)."""
     from disco_reference import Batch, reference_objective
 
     model = _reference_model(model_dir)
     settings = config.actor_rollout_ref.actor.policy_loss
-    n = config.actor_rollout_ref.rollout.n
-    rows_per_mini_batch = config.actor_rollout_ref.actor.ppo_mini_batch_size * n
-    gradients = []
-    for j, params in enumerate(recorder.params):
-        rows = step.rows(mini_batch_rows(len(step), dp_size, rows_per_mini_batch, j))
-        _load(model, recorder.params[0])
-        with torch.no_grad():
-            old = _response_log_probs(model, rows, temperature)
-        _load(model, params)
-        log_prob = _response_log_probs(model, rows, temperature)
-        mask = torch.zeros_like(old, dtype=torch.bool)
-        rewards = torch.zeros_like(old)
-        for i, (response, reward, padding) in enumerate(zip(rows.responses, rows.rewards, rows.is_padding)):
-            if not padding:
-                mask[i, : len(response)] = True
-                rewards[i, len(response) - 1] = reward
-        batch = Batch(log_prob, old, mask, rewards, np.array(rows.uids, dtype=object))
-        L = reference_objective(
-            batch,
-            settings.objective,
-            settings.score_func,
-            settings.tau,
-            settings.delta,
-            settings.beta,
-            config.actor_rollout_ref.actor.ppo_mini_batch_size,
-            settings.kl_unit,
-        )
-        parameters = dict(model.named_parameters())
-        assert set(params) == set(parameters), "the engine's parameters are not the model's"
-        grads = torch.autograd.grad(L, [parameters[name] for name in params])
-        gradients.append(dict(zip(params, grads)))
-    return gradients
+    _load(model, old_params)
+    with torch.no_grad():
+        old = _response_log_probs(model, rows, temperature)
+    _load(model, params)
+    log_prob = _response_log_probs(model, rows, temperature)
+    mask = torch.zeros_like(old, dtype=torch.bool)
+    rewards = torch.zeros_like(old)
+    for i, (response, reward, padding) in enumerate(zip(rows.responses, rows.rewards, rows.is_padding)):
+        if not padding:
+            mask[i, : len(response)] = True
+            rewards[i, len(response) - 1] = reward
+    batch = Batch(log_prob, old, mask, rewards, np.array(rows.uids, dtype=object))
+    L = reference_objective(
+        batch,
+        settings.objective,
+        settings.score_func,
+        settings.tau,
+        settings.delta,
+        settings.beta,
+        config.actor_rollout_ref.actor.ppo_mini_batch_size,
+        settings.kl_unit,
+    )
+    parameters = dict(model.named_parameters())
+    assert set(params) == set(parameters), "the engine's parameters are not the model's"
+    grads = torch.autograd.grad(L, [parameters[name] for name in params])
+    return dict(zip(params, grads))
 
 
 def _load(model, params: dict[str, torch.Tensor]) -> None:

@@ -7,7 +7,7 @@ from conftest import compose_disco
 from verl.trainer.ppo.v1 import get_trainer_cls
 
 from recipe.disco import checks
-from recipe.disco.trainer import DisCOTrainer
+from recipe.disco.trainer import TRAINERS, DisCOHooks
 
 MICRO = "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
 LOG_PROB_MICRO = "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu"
@@ -19,6 +19,16 @@ VALID = [
     "actor_rollout_ref.actor.ppo_mini_batch_size=32",
     f"{MICRO}=4",
     f"{LOG_PROB_MICRO}=8",
+]
+
+
+# separate_async on that node: a standalone rollout pool of 4 more GPUs, weights sent by NCCL every 4 updates of
+# one mini-batch (verl's default parameter_sync_step: 128 = 4 x 32)
+SEPARATE = [
+    "trainer.v1.trainer_mode=separate_async",
+    "actor_rollout_ref.rollout.nnodes=1",
+    "actor_rollout_ref.rollout.n_gpus_per_node=4",
+    "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl",
 ]
 
 
@@ -51,6 +61,9 @@ def test_the_paper_setting_passes():
             "actor_rollout_ref.model.lora_alpha=16",
             "actor_rollout_ref.model.target_modules=all-linear",
         ],
+        ["trainer.v1.trainer_mode=colocate_async"],
+        SEPARATE,
+        [*SEPARATE, "trainer.v1.sampler.max_off_policy_strategy=wait"],
         [  # and on the CPU backend through vLLM's CPU build, its LoRA layers sharded (recipe.disco.cpu.vllm)
             "actor_rollout_ref.model.lora_rank=8",
             "trainer.device=cpu",
@@ -91,7 +104,11 @@ def test_the_loss_computes_its_own_coefficients_only_where_global_micro_batches_
     [
         ("actor_rollout_ref.actor.shuffle=true", "actor_rollout_ref.actor.shuffle=True", "=False"),
         ("trainer.use_v1=false", "trainer.use_v1=False", "set trainer.use_v1=True"),
-        ("trainer.v1.trainer_mode=colocate_async", "trainer.v1.trainer_mode=colocate_async", "=sync"),
+        ("trainer.v1.trainer_mode=fully_async", "trainer.v1.trainer_mode=fully_async", "one of ('sync', "),
+        ("trainer.v1.sampler.max_off_policy_threshold=null", "max_off_policy_threshold=None with", "threshold=8"),
+        ("trainer.v1.separate_async.parameter_sync_step=2", "train_batch_size=128: separate_async", "size=64 (2 x"),
+        ("actor_rollout_ref.rollout.n_gpus_per_node=0", "rollout.n_gpus_per_node=0: separate_async", "at least 1"),
+        ("actor_rollout_ref.rollout.checkpoint_engine.backend=naive", "backend=naive: separate_async", "to nccl"),
         ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "loss_mode=vanilla", "loss_mode=disco"),
         ("actor_rollout_ref.actor.use_kl_loss=true", "use_kl_loss=True", "use_kl_loss=False"),
         ("algorithm.use_kl_in_reward=true", "algorithm.use_kl_in_reward=True", "=False"),
@@ -145,13 +162,17 @@ def test_each_refused_setting_has_one_message_naming_key_value_and_fix(override,
             "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"
         ],
         "actor_rollout_ref.model.lora_rank=8": ["actor_rollout_ref.rollout.name=hf"],
+        "trainer.v1.sampler.max_off_policy_threshold=null": ["trainer.v1.trainer_mode=colocate_async"],
+        "trainer.v1.separate_async.parameter_sync_step=2": SEPARATE,
+        "actor_rollout_ref.rollout.n_gpus_per_node=0": SEPARATE,
+        "actor_rollout_ref.rollout.checkpoint_engine.backend=naive": SEPARATE,
         "trainer.device=cpu": [
             "actor_rollout_ref.model.lora_rank=8",
             "actor_rollout_ref.rollout.name=vllm",
             "actor_rollout_ref.rollout.tensor_model_parallel_size=2",
         ],
     }
-    problems = problems_with(override, *extra.get(override, []))
+    problems = problems_with(*extra.get(override, []), override)
     assert len(problems) == 1, problems
     assert key in problems[0] and fix in problems[0]
 
@@ -176,24 +197,44 @@ def test_an_entropy_bonus_warns():
         checks.check_config(compose_disco([*VALID, "actor_rollout_ref.actor.entropy_coeff=0.01"]))
 
 
-def test_the_trainer_is_verls_registered_sync_trainer_with_discos_hooks():
-    assert issubclass(DisCOTrainer, get_trainer_cls("sync"))
+def test_each_of_verls_trainers_has_discos_hooks():
+    assert tuple(TRAINERS) == checks.TRAINER_MODES
+    for mode, trainer in TRAINERS.items():
+        assert trainer.__mro__[1:3] == (DisCOHooks, get_trainer_cls(mode))
     hooks = ("_init_resource_pool_mgr", "_balance_batch", "_update_actor", "_compute_metrics")
-    assert all(hook in vars(DisCOTrainer) for hook in hooks)
+    assert all(hook in vars(DisCOHooks) for hook in hooks)
 
 
-def test_the_actor_role_runs_discos_worker():
-    """The resource-pool hook maps the actor role to DisCO's hybrid worker (verl's, with DisCO's training worker)."""
+@pytest.mark.parametrize(
+    ("mode", "overrides", "verl_worker", "live_at_triggers"),
+    [
+        ("sync", [], "ActorRolloutRefWorker", [True]),
+        ("colocate_async", ["trainer.v1.trainer_mode=colocate_async"], "ActorRolloutRefWorker", [True]),
+        ("separate_async", SEPARATE, "DetachActorWorker", [True, False, False, False]),
+    ],
+)
+def test_the_actor_role_runs_discos_worker_and_knows_where_old_log_probs_were_computed(
+    mode, overrides, verl_worker, live_at_triggers
+):
+    """The resource-pool hook maps the actor role to DisCO's version of the worker verl's trainer uses (verl's
+    hybrid worker, or separate_async's detach worker with pi_old's CPU copies), with DisCO's training worker; the
+    update hook says whether the old log-probs came from the live weights, per update of a parameter-sync cycle."""
+    from verl.experimental.separation import engine_workers as detach
     from verl.trainer.ppo.utils import Role
-    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+    from verl.workers import engine_workers
 
-    from recipe.disco.worker import DisCOActorRolloutRefWorker, DisCOTrainingWorker
+    from recipe.disco.worker import DisCOTrainingWorker
 
-    trainer = object.__new__(DisCOTrainer)
-    trainer.config = compose_disco(VALID)
+    trainer = object.__new__(TRAINERS[mode])
+    trainer.config = compose_disco([*VALID, *overrides])
     trainer._init_resource_pool_mgr()
-    worker = trainer.role_worker_mapping[Role.ActorRollout]
-    assert worker.__ray_metadata__.modified_class.__mro__[1] is DisCOActorRolloutRefWorker
-    assert issubclass(DisCOActorRolloutRefWorker, ActorRolloutRefWorker)
-    assert DisCOActorRolloutRefWorker.actor_worker_cls is DisCOTrainingWorker
-    assert issubclass(DisCOTrainingWorker, TrainingWorker)
+    worker = trainer.role_worker_mapping[Role.ActorRollout].__ray_metadata__.modified_class.__mro__[1]
+    assert worker is TRAINERS[mode].actor_worker_cls
+    verl_cls = getattr(detach, verl_worker, None) or getattr(engine_workers, verl_worker)
+    assert worker.__mro__[1] is verl_cls
+    assert worker.actor_worker_cls is DisCOTrainingWorker
+    assert issubclass(DisCOTrainingWorker, engine_workers.TrainingWorker)
+    live = []
+    for trainer.local_trigger_step in range(len(live_at_triggers)):
+        live.append(trainer._old_log_probs_at_live_parameters())
+    assert live == live_at_triggers

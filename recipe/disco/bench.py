@@ -140,6 +140,7 @@ def _update_bench(repeats: int, port: int) -> None:
 
     actor.init_distributed(0, 1, port)
     from transformers import AutoTokenizer
+    from verl.workers.engine_workers import ActorRolloutRefWorker
 
     build = tiny.build_tiny(Path.home() / ".cache" / "disco-tiny", seed=0)
     tokenizer = AutoTokenizer.from_pretrained(build.model_dir)
@@ -166,7 +167,7 @@ def _update_bench(repeats: int, port: int) -> None:
         runs = {}
         for label, (overrides, disco) in UPDATE_METHODS.items():
             config = actor.compose_config(build.model_dir, 1, layout + overrides)
-            worker = actor.build_worker(config, disco=disco)
+            worker = actor.build_worker(config, None if disco else ActorRolloutRefWorker)
             runs[label] = (config, worker, PassCounter(worker.actor.engine))
         laid_out = actor.pad_and_lay_out(step, runs["DisCO kl_unit=step"][0], tokenizer.eos_token_id)
         timed = {label: (lambda run=run, batch=laid_out: _timed_update(*run, batch)) for label, run in runs.items()}

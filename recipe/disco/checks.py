@@ -4,8 +4,8 @@ Run by ``recipe.disco.main_disco`` on the composed config before Ray or any mode
 ``DRY_RUN=1``). Every problem gives one message naming the key, its value and the fix; all are reported at once.
 Micro-batching is free (fixed sizes, ``use_dynamic_bsz`` token budgets, Ulysses sequence parallelism): the step
 coefficients make every layout exact (``recipe.disco.worker``). What remains refused routes questions, losses or
-models around the step objective: shuffled mini-batches (a question split over optimizer steps), async trainer
-modes, Megatron, reference-model KL, rollout corrections, a critic, distillation.
+models around the step objective: shuffled mini-batches (a question split over optimizer steps), unbounded
+staleness in verl's async trainers, Megatron, reference-model KL, rollout corrections, a critic, distillation.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ def _setting_problems(config: DictConfig) -> list[str]:
     correction = config.algorithm.get("rollout_correction") or {}
     fixed = [
         ("trainer.use_v1", config.trainer.use_v1, True, "main_disco extends verl's v1 trainer"),
-        ("trainer.v1.trainer_mode", config.trainer.v1.trainer_mode, "sync", "the layout hook is the sync trainer's"),
         (f"{ACTOR}.shuffle", actor.shuffle, False, "shuffled mini-batches split questions over optimizer steps"),
         (f"{ACTOR}.policy_loss.loss_mode", actor.policy_loss.loss_mode, DISCO, "main_disco trains DisCO"),
         (
@@ -167,6 +166,51 @@ def _setting_problems(config: DictConfig) -> list[str]:
     return problems
 
 
+TRAINER_MODES = ("sync", "colocate_async", "separate_async")  # verl 0.9.1's v1 trainers, each with DisCO's hooks
+SEPARATE_ASYNC = "trainer.v1.separate_async"
+
+
+def _trainer_mode_problems(config: DictConfig) -> list[str]:
+    """The async trainers' settings that DisCO needs, and those verl would assert only after Ray has started."""
+    v1 = config.trainer.v1
+    mode = v1.trainer_mode
+    if mode not in TRAINER_MODES:
+        return [f"trainer.v1.trainer_mode={mode}: not one of verl's v1 trainers; set it to one of {TRAINER_MODES}"]
+    if mode == "sync":
+        return []
+    problems = []
+    if v1.sampler.max_off_policy_threshold is None:
+        problems.append(
+            f"trainer.v1.sampler.max_off_policy_threshold=None with trainer_mode={mode}: answers could come from "
+            "arbitrarily old policies, and DisCO's objective is an expectation over answers from the policy being "
+            "trained; set trainer.v1.sampler.max_off_policy_threshold=8 (verl's default bound on the weight "
+            "versions an answer may span)"
+        )
+    if mode != "separate_async":
+        return problems
+    sync_step = v1.separate_async.parameter_sync_step
+    mini = config.actor_rollout_ref.actor.ppo_mini_batch_size
+    if config.data.train_batch_size != sync_step * mini:
+        problems.append(
+            f"data.train_batch_size={config.data.train_batch_size}: separate_async trains one mini-batch per "
+            f"update and syncs the rollout every {SEPARATE_ASYNC}.parameter_sync_step={sync_step} updates; set "
+            f"data.train_batch_size={sync_step * mini} ({sync_step} x {ACTOR}.ppo_mini_batch_size={mini})"
+        )
+    rollout = config.actor_rollout_ref.rollout
+    for key in ("nnodes", "n_gpus_per_node"):
+        if rollout[key] <= 0:
+            problems.append(
+                f"actor_rollout_ref.rollout.{key}={rollout[key]}: separate_async generates on a standalone rollout "
+                f"pool of its own GPUs; set actor_rollout_ref.rollout.{key} to at least 1"
+            )
+    if rollout.checkpoint_engine.backend == "naive":
+        problems.append(
+            "actor_rollout_ref.rollout.checkpoint_engine.backend=naive: separate_async sends the weights to another "
+            "pool of GPUs, which the naive (same-process) engine cannot; set it to nccl"
+        )
+    return problems
+
+
 def _batch_problems(config: DictConfig) -> list[str]:
     """Batch arithmetic that verl would otherwise assert late, inside the workers."""
     actor, rollout = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout
@@ -233,7 +277,7 @@ def config_problems(config: DictConfig) -> list[str]:
             f"verl=={verl.__version__}: DisCO's layout and actor worker follow verl {SUPPORTED_VERL}'s dispatch, "
             f"mini-batch split and worker classes; install verl[verl-core]=={SUPPORTED_VERL}"
         )
-    return problems + _setting_problems(config) + _batch_problems(config)
+    return problems + _setting_problems(config) + _trainer_mode_problems(config) + _batch_problems(config)
 
 
 def validate(config: DictConfig) -> None:

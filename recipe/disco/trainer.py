@@ -1,25 +1,34 @@
-"""verl's v1 sync trainer with DisCO's actor worker, whole-question batch layout and per-step question metrics.
+"""verl's v1 trainers with DisCO's actor worker, whole-question batch layout and per-step question metrics.
 
-:class:`DisCOTrainer` subclasses verl's registered sync trainer (``PPOTrainerSync``) and overrides four hooks:
+:class:`DisCOHooks` overrides five hooks of verl's v1 ``PPOTrainer``, and is mixed into each of its three registered
+trainers (``trainer.v1.trainer_mode``): :class:`DisCOTrainer` (``sync``), :class:`DisCOTrainerColocateAsync` and
+:class:`DisCOTrainerSeparateAsync` (:data:`TRAINERS`). The hooks:
 
-* ``_init_resource_pool_mgr``: the actor role runs :class:`recipe.disco.worker.DisCOActorRolloutRefWorker`
-  (verl's hybrid worker whose training worker writes DisCO's step coefficients before each mini-batch).
+* ``_init_resource_pool_mgr``: the actor role runs DisCO's worker,
+  :class:`recipe.disco.worker.DisCOActorRolloutRefWorker` (verl's hybrid worker whose training worker writes
+  DisCO's step coefficients before each mini-batch), or for ``separate_async``
+  :class:`recipe.disco.worker.DisCODetachActorWorker` (verl's worker for that trainer, which keeps pi_old's weights
+  in CPU copies, with the same training worker).
 * ``_balance_batch``, which verl calls on every step batch before the old-log-prob pass, the advantage and the
   actor update. verl's version pads the batch and Karmarkar-Karp-partitions rows over ranks, which scatters a
   question's answers over mini-batches. Here the batch is padded with verl's own padding rows
   (``upsample_batch_to_divisible_size``) and reordered by :func:`recipe.disco.grouping.whole_group_order`, so
   that every mini-batch (or, when the loss computes its own coefficients, every global micro-batch) holds whole
   questions while tokens stay balanced over ranks. It logs verl's usual ``global_seqlen/*`` balance metrics.
-* ``_update_actor``: tells the workers which of the two holds (:data:`recipe.disco.worker.COEFFICIENTS_IN_LOSS`).
+* ``_update_actor``: tells the workers whether the loss computes its own coefficients
+  (:data:`recipe.disco.worker.COEFFICIENTS_IN_LOSS`) and whether the old log-probs were computed at the actor's live
+  parameters (:data:`recipe.disco.worker.OLD_LOG_PROBS_AT_LIVE_PARAMETERS`): always in ``sync`` and
+  ``colocate_async``; in ``separate_async`` only at the first update of a parameter-sync cycle
+  (``local_trigger_step`` 0), the later ones taking them at pi_old restored from its CPU copy.
 * ``_compute_metrics``, which adds ``disco/*`` question counts, reward outcome rates and the truncation rate to
   verl's metrics (:func:`step_metrics`).
 
-It also prints where a validation pass stands (``_validate``, ``_val_metrics_update``): verl prints nothing while it
-generates the validation answers and then bootstraps their metrics on the driver, which with the launch scripts'
-six sets x 16 answers takes minutes before the first training step and looks like a hang.
+The hooks also print where a validation pass stands (``_validate``, ``_val_metrics_update``): verl prints nothing
+while it generates the validation answers and then bootstraps their metrics on the driver, which with the launch
+scripts' six sets x 16 answers takes minutes before the first training step and looks like a hang.
 
-:class:`DisCOTaskRunner` is the Ray task runner that builds this trainer (verl's ``TaskRunnerV1`` picks its
-trainer from a registry whose ``sync`` entry cannot be replaced).
+:class:`DisCOTaskRunner` is the Ray task runner that builds the trainer of the configured mode (verl's
+``TaskRunnerV1`` picks its trainer from a registry whose entries cannot be replaced).
 """
 
 from __future__ import annotations
@@ -36,7 +45,12 @@ from omegaconf import DictConfig, OmegaConf
 from transfer_queue import KVBatchMeta
 from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
 from verl.trainer.ppo.utils import Role
-from verl.trainer.ppo.v1 import AgentLoopManagerTQ, PPOTrainerSync
+from verl.trainer.ppo.v1 import (
+    AgentLoopManagerTQ,
+    PPOTrainerColocateAsync,
+    PPOTrainerSeparateAsync,
+    PPOTrainerSync,
+)
 from verl.utils.import_utils import load_class_from_fqn
 from verl.utils.logging_utils import configure_verl_logging
 from verl.utils.seqlen_balancing import log_seqlen_unbalance
@@ -44,7 +58,12 @@ from verl.utils.seqlen_balancing import log_seqlen_unbalance
 from recipe.disco.checks import coefficients_in_loss, update_shape
 from recipe.disco.grouping import UpdateShape, padded_rows, rank_partitions, uid_of_key, whole_group_order
 from recipe.disco.reward import Outcome
-from recipe.disco.worker import COEFFICIENTS_IN_LOSS, DisCOActorRolloutRefWorker
+from recipe.disco.worker import (
+    COEFFICIENTS_IN_LOSS,
+    OLD_LOG_PROBS_AT_LIVE_PARAMETERS,
+    DisCOActorRolloutRefWorker,
+    DisCODetachActorWorker,
+)
 
 METRIC_PREFIX = "disco/"
 # verl's process_validation_metrics with DisCO's reward info (6 numeric keys and the answers for majority votes) at
@@ -135,14 +154,16 @@ def step_metrics(batch: KVBatchMeta, rollout_n: int, max_response_length: int) -
 ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
 
 
-class DisCOTrainer(PPOTrainerSync):
-    """verl's v1 sync PPO trainer with DisCO's actor worker and whole-question batches."""
+class DisCOHooks:
+    """DisCO's hooks, mixed in before one of verl's v1 trainers: DisCO's actor worker and whole-question batches."""
+
+    actor_worker_cls: type = DisCOActorRolloutRefWorker
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
         for role in ACTOR_ROLES:
             if role in self.role_worker_mapping:
-                self.role_worker_mapping[role] = ray.remote(DisCOActorRolloutRefWorker)
+                self.role_worker_mapping[role] = ray.remote(self.actor_worker_cls)
 
     def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
         shape = update_shape(self.config)
@@ -152,7 +173,13 @@ class DisCOTrainer(PPOTrainerSync):
 
     def _update_actor(self, batch, metrics):
         batch.extra_info[COEFFICIENTS_IN_LOSS] = coefficients_in_loss(self.config)
+        batch.extra_info[OLD_LOG_PROBS_AT_LIVE_PARAMETERS] = self._old_log_probs_at_live_parameters()
         return super()._update_actor(batch, metrics)
+
+    def _old_log_probs_at_live_parameters(self) -> bool:
+        """Whether this update's old log-probs came from the actor's current weights (verl's base
+        ``_compute_old_log_prob``)."""
+        return True
 
     def _validate(self):
         questions, n = len(self.val_dataset), self.config.actor_rollout_ref.rollout.val_kwargs.n
@@ -181,8 +208,36 @@ class DisCOTrainer(PPOTrainerSync):
         metrics.update(step_metrics(batch, config.actor_rollout_ref.rollout.n, config.data.max_response_length))
 
 
+class DisCOTrainer(DisCOHooks, PPOTrainerSync):
+    """verl's v1 ``sync`` trainer with DisCO's hooks."""
+
+
+class DisCOTrainerColocateAsync(DisCOHooks, PPOTrainerColocateAsync):
+    """verl's ``colocate_async`` trainer (partial rollout on the training GPUs) with DisCO's hooks."""
+
+
+class DisCOTrainerSeparateAsync(DisCOHooks, PPOTrainerSeparateAsync):
+    """verl's ``separate_async`` trainer (a standalone rollout pool, weights synced every ``parameter_sync_step``
+    updates) with DisCO's hooks and verl's CPU copies of pi_old."""
+
+    actor_worker_cls = DisCODetachActorWorker
+
+    def _old_log_probs_at_live_parameters(self) -> bool:
+        # verl's _compute_old_log_prob: at trigger 0 the live weights are pi_old (saved to CPU); later triggers
+        # restore pi_old for the pass and the live weights afterwards
+        return self.local_trigger_step == 0
+
+
+TRAINERS: dict[str, type[DisCOHooks]] = {
+    "sync": DisCOTrainer,
+    "colocate_async": DisCOTrainerColocateAsync,
+    "separate_async": DisCOTrainerSeparateAsync,
+}
+
+
 class DisCOTaskRunner:
-    """Ray task runner (run as ``ray.remote(DisCOTaskRunner)``): verl's v1 flow with :class:`DisCOTrainer`."""
+    """Ray task runner (run as ``ray.remote(DisCOTaskRunner)``): verl's v1 flow with the DisCO trainer of
+    ``trainer.v1.trainer_mode`` (:data:`TRAINERS`)."""
 
     def run(self, config: DictConfig) -> None:
         configure_verl_logging()
@@ -190,7 +245,7 @@ class DisCOTaskRunner:
         OmegaConf.resolve(config)
         print(OmegaConf.to_yaml(config))
         tq.init(config.transfer_queue)
-        trainer = DisCOTrainer(config=config)
+        trainer = TRAINERS[config.trainer.v1.trainer_mode](config=config)
         succeeded = False
         try:
             trainer.init()
@@ -204,7 +259,7 @@ class DisCOTaskRunner:
                 tq.close()
 
     @staticmethod
-    def _agent_loop_manager(config: DictConfig, trainer: DisCOTrainer):
+    def _agent_loop_manager(config: DictConfig, trainer: DisCOHooks):
         """verl's TransferQueue agent-loop manager, or the class named by ``rollout.agent.agent_loop_manager_class``."""
         fqn = config.actor_rollout_ref.rollout.get("agent", {}).get("agent_loop_manager_class")
         manager_cls = load_class_from_fqn(fqn, "AgentLoopManager") if fqn else AgentLoopManagerTQ

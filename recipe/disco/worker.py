@@ -4,9 +4,12 @@ Within one optimizer step (one mini-batch) the parameters w are fixed, and the s
 only through each answer's score s_i and KL token sum. Before verl's update of a mini-batch,
 :class:`DisCOTrainingWorker` therefore
 
-1. takes every answer's per-token log-probs at w: for the first mini-batch of an update they are the
-   ``old_log_probs`` (w is still the policy that computed them: no extra pass); for the others one no-grad
-   forward pass over the mini-batch (verl's own inference path, with the log-prob pass's micro-batch settings);
+1. takes every answer's per-token log-probs at w: for the first mini-batch of an update whose old log-probs the
+   actor computed at its live parameters (the trainer's :data:`OLD_LOG_PROBS_AT_LIVE_PARAMETERS`) they are the
+   ``old_log_probs`` (no extra pass); for the others one no-grad forward pass over the mini-batch (verl's own
+   inference path, with the log-prob pass's micro-batch settings). verl's ``separate_async`` trainer computes the
+   old log-probs of a cycle's later updates at pi_old, weights restored from a CPU copy while the live ones have
+   moved on: there the first mini-batch takes the pass too, and the KL is measured from pi_old;
 2. all-gathers the per-answer scalars (s_i, kl_sum_i, |y_i|, answer code) over the data-parallel group, so that
    every question of the mini-batch is complete, and computes c_i = dL/d(s_i, kl_sum_i) by autograd through
    :mod:`recipe.disco.objective`;
@@ -19,12 +22,15 @@ only through each answer's score s_i and KL token sum. Before verl's update of a
 
 When ``main_disco`` lays out whole questions per global micro-batch for ``kl_unit: question``
 (:data:`COEFFICIENTS_IN_LOSS` in the update batch), the loss computes its coefficients itself and the worker
-changes nothing. :class:`DisCOActorRolloutRefWorker` is verl's hybrid worker with this actor.
+changes nothing. :class:`DisCOActorRolloutRefWorker` is verl's hybrid worker with this actor;
+:class:`DisCODetachActorWorker` is verl's ``separate_async`` worker (the hybrid worker plus the CPU copies of
+pi_old) with it.
 """
 
 from __future__ import annotations
 
 import torch
+from verl.experimental.separation.engine_workers import DetachActorWorker
 from verl.utils import tensordict_utils as tu
 from verl.utils.device import get_device_id
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
@@ -32,17 +38,19 @@ from verl.workers.utils.padding import no_padding_2_padding, response_to_nested
 
 from recipe.disco.loss import questions_per_step, token_weights
 
-COEFFICIENTS_IN_LOSS = "disco_coefficients_in_loss"  # update-batch flag set by recipe.disco.trainer
+# update-batch flags set by recipe.disco.trainer
+COEFFICIENTS_IN_LOSS = "disco_coefficients_in_loss"
+OLD_LOG_PROBS_AT_LIVE_PARAMETERS = "disco_old_log_probs_at_live_parameters"
 
 
 class DisCOTrainingWorker(TrainingWorker):
     """verl's training worker, writing DisCO's per-token weights into each mini-batch before its update."""
 
-    _at_old_parameters = False  # True from the start of an update until its first mini-batch is trained
+    _at_old_parameters = False  # whether the next mini-batch runs at the parameters that computed old_log_probs
 
     def train_mini_batch(self, data):
-        # the first mini-batch of an update runs at the parameters that computed old_log_probs
-        self._at_old_parameters = True
+        # without the trainer's word the first mini-batch takes a forward pass too: exact either way
+        self._at_old_parameters = tu.get(data, OLD_LOG_PROBS_AT_LIVE_PARAMETERS, default=False)
         return super().train_mini_batch(data)
 
     def train_batch(self, data):
@@ -94,5 +102,12 @@ class DisCOTrainingWorker(TrainingWorker):
 
 class DisCOActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's hybrid actor/rollout worker with :class:`DisCOTrainingWorker` as its actor."""
+
+    actor_worker_cls = DisCOTrainingWorker
+
+
+class DisCODetachActorWorker(DetachActorWorker):
+    """verl's ``separate_async`` actor worker (``save_model_to_cpu`` / ``restore_model_from_cpu`` of pi_old) with
+    :class:`DisCOTrainingWorker` as its actor."""
 
     actor_worker_cls = DisCOTrainingWorker

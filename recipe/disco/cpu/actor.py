@@ -157,14 +157,11 @@ def compose_config(model_dir: str | Path, world: int, overrides: Sequence[str], 
         )
 
 
-def build_worker(config, disco: bool = True):
-    """DisCO's hybrid worker (or verl's stock one) in the actor role, initialised (FSDP engine, optimizer)."""
-    from verl.workers.engine_workers import ActorRolloutRefWorker
-
+def build_worker(config, worker_cls: type | None = None):
+    """``worker_cls`` (DisCO's hybrid worker if None) in the actor role, initialised (FSDP engine, optimizer)."""
     from recipe.disco.worker import DisCOActorRolloutRefWorker
 
-    worker_cls = DisCOActorRolloutRefWorker if disco else ActorRolloutRefWorker
-    worker = worker_cls(config=config.actor_rollout_ref, role="actor")
+    worker = (worker_cls or DisCOActorRolloutRefWorker)(config=config.actor_rollout_ref, role="actor")
     worker.init_model()
     return worker
 
@@ -211,14 +208,24 @@ def old_log_probs(worker, rows: StepBatch, temperature: float) -> torch.Tensor:
     return response_from_nested(output[0]["log_probs"], probe["response_mask"])
 
 
-def update(worker, config, step: StepBatch, rank: int, world: int, temperature: float, old=None) -> dict:
+def update(
+    worker,
+    config,
+    step: StepBatch,
+    rank: int,
+    world: int,
+    temperature: float,
+    old=None,
+    old_at_live_parameters: bool = True,
+):
     """One ``update_actor`` call on this rank's share of ``step`` with the v1 trainer's meta-information; returns
-    the worker's metrics. ``old`` are the rows' old log-probs (computed with :func:`old_log_probs` if None)."""
+    the worker's output. ``old`` are the rows' old log-probs (computed with :func:`old_log_probs` if None), and
+    ``old_at_live_parameters`` says whether they came from the worker's current weights."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import response_to_nested
 
     from recipe.disco.checks import coefficients_in_loss
-    from recipe.disco.worker import COEFFICIENTS_IN_LOSS
+    from recipe.disco.worker import COEFFICIENTS_IN_LOSS, OLD_LOG_PROBS_AT_LIVE_PARAMETERS
 
     rows = group_rows(step, config, rank, world)
     mine = step.rows(rows)
@@ -237,6 +244,9 @@ def update(worker, config, step: StepBatch, rank: int, world: int, temperature: 
         seed=0,
         dataloader_kwargs={"shuffle": False},
         temperature=temperature,
-        **{COEFFICIENTS_IN_LOSS: coefficients_in_loss(config)},
+        **{
+            COEFFICIENTS_IN_LOSS: coefficients_in_loss(config),
+            OLD_LOG_PROBS_AT_LIVE_PARAMETERS: old_at_live_parameters,
+        },
     )
     return worker.update_actor(batch)

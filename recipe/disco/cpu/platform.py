@@ -1,9 +1,10 @@
-"""A CPU platform for verl's platform registry, and the process-group fix it needs.
+"""A CPU platform for verl's platform registry, and the two fixes it needs (process group, CPU copies).
 
 verl 0.9.1 ships platforms for nvidia, huawei and amd only and falls back to nvidia, which fails on a machine
-without a GPU. ``activate`` makes verl's trainer process group a plain ``gloo`` one, registers ``CPUPlatform``
-under the name ``cpu`` and makes it the process-wide platform. It must run before ``verl.workers.engine_workers`` is
-imported, because that module binds the process-group function by name.
+without a GPU. ``activate`` makes verl's trainer process group a plain ``gloo`` one, makes the CPU copies of
+separate_async's pi_old copies (:func:`_copied_shards`), registers ``CPUPlatform`` under the name ``cpu`` and
+makes it the process-wide platform. It must run before ``verl.workers.engine_workers`` is imported, because that
+module binds the process-group function by name.
 
 How verl sees the CPU:
 * ``device_name`` is ``cpu``, so tensors stay on the CPU;
@@ -15,6 +16,7 @@ How verl sees the CPU:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -136,8 +138,9 @@ class CPUPlatform(PlatformBase):
 
 
 def activate() -> None:
-    """Make verl's trainer process group plain gloo, then register ``CPUPlatform`` and make it this process's
-    platform (last, so that a failure leaves ``cpu`` unregistered)."""
+    """Make verl's trainer process group plain gloo and its FSDP2 CPU copies of the weights real copies, then
+    register ``CPUPlatform`` and make it this process's platform (last, so that a failure leaves ``cpu``
+    unregistered)."""
     import verl.utils.distributed as distributed
 
     if "verl.workers.engine_workers" in sys.modules:
@@ -146,8 +149,11 @@ def activate() -> None:
             "bound verl's NCCL process-group setup; activate it at `import verl` (DISCO_CPU_BACKEND=1 in the "
             "environment of every process) instead"
         )
+    import verl.utils.fsdp_utils as fsdp_utils
+
     initialize = distributed.initialize_global_process_group_ray
     distributed.initialize_global_process_group_ray = _gloo_process_group(initialize)
+    fsdp_utils.fsdp2_sharded_save_to_cpu = _copied_shards(fsdp_utils.fsdp2_sharded_save_to_cpu)
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     PlatformRegistry.register(platform=PLATFORM_NAME)(CPUPlatform)
     set_platform(CPUPlatform())
@@ -165,3 +171,20 @@ def _gloo_process_group(initialize):
         initialize(timeout_second=timeout_second, backend=backend or "gloo")
 
     return initialize_gloo
+
+
+def _copied_shards(save):
+    """Wrap verl's ``fsdp2_sharded_save_to_cpu`` so that its CPU copy of the weights is a copy.
+
+    It takes ``.detach().cpu()`` of each local shard: on a GPU a new tensor, on the CPU the live parameter's own
+    storage, which the next optimizer step overwrites in place. separate_async's restore of pi_old
+    (``DetachActorWorker.restore_model_from_cpu``) would then restore the live weights, and its old log-probs
+    would silently be the current policy's.
+    """
+
+    @functools.wraps(save)
+    def save_copy(model: torch.nn.Module) -> tuple[dict[str, tuple[torch.Tensor, Any]], Any]:
+        shards, spec = save(model)
+        return {name: (shard.clone(), shard_spec) for name, (shard, shard_spec) in shards.items()}, spec
+
+    return save_copy
