@@ -29,7 +29,9 @@ LAUNCH_TIMEOUT_S = 900  # per launch; about 60-100 s each here: the limit only c
 PAPER_TAU = {"logL": 10.0, "Lratio": 1.0}
 
 
-def e2e_overrides(steps: int, objective: str, score_func: str, kl_unit: str = "step") -> list[str]:
+def e2e_overrides(
+    steps: int, objective: str, score_func: str, kl_unit: str = "step", trainer_mode: str = "sync"
+) -> list[str]:
     """The CPU launch overrides of the end-to-end runs with the given DisCO variant (and the paper's tau)."""
     loss = "actor_rollout_ref.actor.policy_loss"
     return cpu_overrides(
@@ -39,6 +41,7 @@ def e2e_overrides(steps: int, objective: str, score_func: str, kl_unit: str = "s
         prompts_per_step=PROMPTS,
         rollout_n=ROLLOUT_N,
         mini_batches=MINI_BATCHES,
+        trainer_mode=trainer_mode,
     ) + [
         f"{loss}.objective={objective}",
         f"{loss}.score_func={score_func}",

@@ -7,6 +7,9 @@ question, checkpoint and validation after step 2. The resumed run continues it f
 objective and score (disco-b, Lratio), ``kl_unit: question`` and fixed micro-batches of 3 answers (not a divisor of
 n=4). The runs finishing means DisCO's actor worker found every question complete in every mini-batch (it raises
 otherwise); exactness itself is shown on the same worker in ``test_actor_update_exact_on_cpu.py``.
+
+A third launch trains with verl's ``colocate_async`` trainer: the next step's answers are generated while the
+current step trains, on the same (simulated) GPUs, and partial answers resume under newer weights.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,7 @@ from e2e_utils import (
 )
 
 from recipe.disco.cpu.tiny import DATA_SOURCE
+from recipe.disco.grouping import uid_of_key
 from recipe.disco.reward import compute_score_with_info
 
 KINDS = ("mixed", "all_correct", "all_wrong")
@@ -177,3 +182,28 @@ def test_checkpoint_resumes_with_another_variant_and_micro_batches_of_3(trained_
         assert f"Loaded model from {actor_dir}/model_world_size_{N_GPUS}_rank_{rank}.pt" in log, f"rank {rank}"
     for record in records:
         assert_disco_step(record, "disco-b", "Lratio", "question")
+
+
+ASYNC_STEPS = 3
+MAX_OFF_POLICY = 8  # verl's default trainer.v1.sampler.max_off_policy_threshold
+
+
+def test_colocate_async_trains_disco_on_whole_questions_and_logs_their_staleness(tmp_path):
+    """Every step: whole questions (n answers to each of the step's prompts), DisCO's relations (the first
+    mini-batch's KL exactly 0: the actor recomputed the old log-probs at its live weights), and verl's staleness of
+    the answers (steps behind the trained weights; how far each step's answers lag depends on timing)."""
+    rollout_dir = tmp_path / "rollouts"
+    records = run_trainer(
+        "recipe.disco.main_disco",
+        e2e_overrides(ASYNC_STEPS, "disco", "logL", trainer_mode="colocate_async")
+        + [f"trainer.rollout_data_dir={rollout_dir}"],
+        tmp_path / "run",
+        timeout_s=LAUNCH_TIMEOUT_S,
+    )
+    assert [record["step"] for record in records] == list(range(1, ASYNC_STEPS + 1))
+    for record in records:
+        assert_disco_step(record, "disco", "logL", "step")
+        staleness = record["data"]["training/off_policy/trajectory_staleness/max"]
+        assert 0 <= staleness < MAX_OFF_POLICY, record["step"]
+        groups = Counter(uid_of_key(row["uid"]) for row in rollouts(rollout_dir, record["step"]))  # TQ keys
+        assert len(groups) == PROMPTS and set(groups.values()) == {ROLLOUT_N}, groups

@@ -214,6 +214,43 @@ def test_dry_run_takes_environment_and_hydra_overrides(tmp_path, script):
     assert "no wandb credentials" not in err
 
 
+@pytest.mark.parametrize(
+    ("env", "mode", "sync_step", "rollout_pool"),
+    [
+        ({}, "sync", None, None),
+        ({"TRAINER_MODE": "colocate_async"}, "colocate_async", None, None),
+        ({"TRAINER_MODE": "separate_async", "NGPUS_PER_NODE": "4"}, "separate_async", 4, (1, 4)),
+        (  # 2 mini-batches per set of answers, an 8-GPU rollout node beside a training node, a looser bound
+            {
+                "TRAINER_MODE": "separate_async",
+                "MINI_BATCH_SIZE": "64",
+                "ROLLOUT_GPUS_PER_NODE": "8",
+                "MAX_OFF_POLICY": "4",
+            },
+            "separate_async",
+            2,
+            (1, 8),
+        ),
+    ],
+)
+def test_trainer_mode_composes_verls_async_trainers_with_their_settings(tmp_path, env, mode, sync_step, rollout_pool):
+    code, out, err = run_script("run_disco_1.5b.sh", tmp_path, **env)
+    assert code == 0, err[-3000:]
+    cfg = resolved_config(out)
+    v1, rollout = cfg["trainer"]["v1"], cfg["actor_rollout_ref"]["rollout"]
+    assert v1["trainer_mode"] == mode
+    assert v1["sampler"]["max_off_policy_threshold"] == int(env.get("MAX_OFF_POLICY", 8))
+    if sync_step is None:  # the standalone pool's settings stay verl's
+        assert (rollout["nnodes"], rollout["checkpoint_engine"]["backend"]) == (0, "naive")
+        return
+    assert v1["separate_async"]["parameter_sync_step"] == sync_step
+    assert cfg["data"]["train_batch_size"] == sync_step * cfg["actor_rollout_ref"]["actor"]["ppo_mini_batch_size"]
+    assert (rollout["nnodes"], rollout["n_gpus_per_node"], rollout["checkpoint_engine"]["backend"]) == (
+        *rollout_pool,
+        "nccl",
+    )
+
+
 def test_explicit_tau_wins_and_a_refused_setting_stops_before_ray(tmp_path):
     code, out, _ = run_script("run_disco_1.5b.sh", tmp_path, TAU="3.5")
     assert code == 0 and resolved_config(out)["actor_rollout_ref"]["actor"]["policy_loss"]["tau"] == 3.5

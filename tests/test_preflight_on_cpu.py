@@ -174,6 +174,24 @@ def test_fewer_visible_gpus_than_n_gpus_per_node_is_a_problem(tiny):
     assert item(preflight.preflight_checks(config, Gpus(8, H100)), "GPUs").status == OK
 
 
+def test_separate_async_on_one_node_needs_the_gpus_of_both_pools(tiny):
+    config = cpu_config(
+        tiny,
+        "trainer.n_gpus_per_node=8",
+        "trainer.v1.trainer_mode=separate_async",
+        "actor_rollout_ref.rollout.nnodes=1",
+        "actor_rollout_ref.rollout.n_gpus_per_node=4",
+    )
+    check = item(preflight.preflight_checks(config, Gpus(8, H100)), "GPUs")
+    assert check.status == PROBLEM
+    assert check.detail.startswith(
+        "trainer.n_gpus_per_node=8 + actor_rollout_ref.rollout.n_gpus_per_node=4 (separate_async's rollout pool): "
+        "this node shows 8 GPU(s)"
+    )
+    assert "make NGPUS_PER_NODE + ROLLOUT_GPUS_PER_NODE add up to 8 or make 12 GPUs visible" in check.detail
+    assert item(preflight.preflight_checks(config, Gpus(12, H100)), "GPUs").status == OK
+
+
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
 def test_a_rollout_engine_that_does_not_import_is_a_problem(tiny, monkeypatch, engine):
     monkeypatch.setitem(sys.modules, engine, None)  # `import engine` raises ModuleNotFoundError

@@ -235,19 +235,30 @@ def _data_check(item: str, key: str, paths: list[str], min_rows: int | None) -> 
 
 
 def _gpu_count_check(config: DictConfig, gpus: Gpus) -> Check:
+    """This node's GPUs against the training pool's per node, plus, for separate_async on one node, its standalone
+    rollout pool's (on several nodes Ray places the pools; this node is checked for the training pool only)."""
     wanted, nodes = config.trainer.n_gpus_per_node, config.trainer.nnodes
+    rollout = config.actor_rollout_ref.rollout
+    pools = f"trainer.n_gpus_per_node={wanted}"
+    if config.trainer.v1.trainer_mode == "separate_async" and nodes == rollout.nnodes == 1:
+        wanted += rollout.n_gpus_per_node
+        pools += f" + {ROLLOUT}.n_gpus_per_node={rollout.n_gpus_per_node} (separate_async's rollout pool)"
     if not gpus.count:
         return Check("GPUs", NOT_CHECKED, "no GPU")
     if gpus.count < wanted:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        fix = (
+            f"set NGPUS_PER_NODE={gpus.count} (trainer.n_gpus_per_node={gpus.count})"
+            if wanted == config.trainer.n_gpus_per_node
+            else f"make NGPUS_PER_NODE + ROLLOUT_GPUS_PER_NODE add up to {gpus.count}"
+        )
         return Check(
             "GPUs",
             PROBLEM,
-            f"trainer.n_gpus_per_node={wanted}: this node shows {gpus.count} GPU(s) (CUDA_VISIBLE_DEVICES="
-            f"{visible}); set NGPUS_PER_NODE={gpus.count} (trainer.n_gpus_per_node={gpus.count}) or make "
+            f"{pools}: this node shows {gpus.count} GPU(s) (CUDA_VISIBLE_DEVICES={visible}); {fix} or make "
             f"{wanted} GPUs visible",
         )
-    return Check("GPUs", OK, f"{gpus.count} on this node for trainer.n_gpus_per_node={wanted} x nnodes={nodes}")
+    return Check("GPUs", OK, f"{gpus.count} on this node for {pools} x nnodes={nodes}")
 
 
 def _cpu_backend_check() -> Check:

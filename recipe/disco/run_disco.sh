@@ -77,6 +77,16 @@ SP_SIZE=${SP_SIZE:-1}
 # --- cluster, schedule, output
 NNODES=${NNODES:-1}
 NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
+# verl's v1 trainer (docs/training.md#async-trainers): sync (the paper's), colocate_async (generation overlaps
+# training on the same GPUs, answers up to MAX_OFF_POLICY steps old) or separate_async (a standalone rollout pool of
+# ROLLOUT_NNODES x ROLLOUT_GPUS_PER_NODE GPUs beside the NNODES x NGPUS_PER_NODE training GPUs, one mini-batch per
+# update, the weights sent by NCCL every PARAMETER_SYNC_STEP updates: TRAIN_BATCH_SIZE / MINI_BATCH_SIZE keeps the
+# paper's 4 optimizer steps per set of answers). On one node of 8 GPUs: NGPUS_PER_NODE=4 ROLLOUT_GPUS_PER_NODE=4.
+TRAINER_MODE=${TRAINER_MODE:-sync}
+MAX_OFF_POLICY=${MAX_OFF_POLICY:-8}
+ROLLOUT_NNODES=${ROLLOUT_NNODES:-1}
+ROLLOUT_GPUS_PER_NODE=${ROLLOUT_GPUS_PER_NODE:-4}
+PARAMETER_SYNC_STEP=${PARAMETER_SYNC_STEP:-$((TRAIN_BATCH_SIZE / MINI_BATCH_SIZE))}
 TOTAL_EPOCHS=${TOTAL_EPOCHS:-30}
 TEST_FREQ=${TEST_FREQ:-20}
 SAVE_FREQ=${SAVE_FREQ:-20}
@@ -178,6 +188,15 @@ trainer=(
     trainer.resume_mode=auto
     trainer.default_local_dir="$OUTPUT_DIR/checkpoints"
 )
+trainer+=(trainer.v1.trainer_mode="$TRAINER_MODE" trainer.v1.sampler.max_off_policy_threshold="$MAX_OFF_POLICY")
+if [[ "$TRAINER_MODE" == separate_async ]]; then
+    trainer+=(
+        trainer.v1.separate_async.parameter_sync_step="$PARAMETER_SYNC_STEP"
+        actor_rollout_ref.rollout.nnodes="$ROLLOUT_NNODES"
+        actor_rollout_ref.rollout.n_gpus_per_node="$ROLLOUT_GPUS_PER_NODE"
+        actor_rollout_ref.rollout.checkpoint_engine.backend=nccl
+    )
+fi
 cluster=(++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH="$VERL_FILE_LOGGER_PATH")
 if [[ -n "${RAY_ADDRESS:-}" ]]; then
     cluster+=(+ray_kwargs.ray_init.address="$RAY_ADDRESS")

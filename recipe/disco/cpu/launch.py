@@ -23,6 +23,14 @@ from recipe.disco.cpu.tiny import TinyBuild
 ECHO_POLL_S = 0.2  # how often run_trainer(echo=...) reads new log lines
 
 
+# recipe.disco.cpu.sampler's fast-polling replay buffer for each of verl's v1 trainer modes
+SAMPLERS = {
+    "sync": "FastPollReplayBuffer",
+    "colocate_async": "FastPollReplayBufferAsync",
+    "separate_async": "FastPollReplayBufferAsync",
+}
+
+
 def cpu_overrides(
     build: TinyBuild,
     *,
@@ -33,6 +41,7 @@ def cpu_overrides(
     lr: float = 3e-4,
     mini_batches: int = 1,
     rollout: str = "hf",
+    trainer_mode: str = "sync",
 ) -> list[str]:
     """Overrides for verl's trainer on CPU with the tiny build; the caller adds the algorithm's own.
 
@@ -41,6 +50,7 @@ def cpu_overrides(
     mini-batch; the v1 trainer's replay buffer polls every 0.05 s instead of 2 s (``recipe.disco.cpu.sampler``).
     ``rollout="vllm"``: verl's vLLM rollout instead (``recipe.disco.cpu.vllm``; needs the environment of
     ``vllm_env.sh`` and a build of ``tiny.VLLM_MODEL_SHAPE``), one replica of ``n_gpus`` tensor-parallel workers.
+    ``trainer_mode``: verl's v1 trainer (``trainer.v1.trainer_mode``), with its fast-polling replay buffer.
     """
     if rollout not in ("hf", "vllm"):
         raise ValueError(f"unknown CPU rollout {rollout!r}")
@@ -84,7 +94,8 @@ def cpu_overrides(
         "trainer.save_freq=-1",
         "trainer.test_freq=-1",
         "trainer.v1.sampler.custom_sampler.path=pkg://recipe.disco.cpu.sampler",
-        "trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer",
+        f"trainer.v1.trainer_mode={trainer_mode}",
+        f"trainer.v1.sampler.custom_sampler.name={SAMPLERS[trainer_mode]}",
         "ray_kwargs.ray_init.num_cpus=16",
         f"+ray_kwargs.ray_init.num_gpus={n_gpus}",
     ]
