@@ -8,8 +8,10 @@ objective and score (disco-b, Lratio), ``kl_unit: question`` and fixed micro-bat
 n=4). The runs finishing means DisCO's actor worker found every question complete in every mini-batch (it raises
 otherwise); exactness itself is shown on the same worker in ``test_actor_update_exact_on_cpu.py``.
 
-A third launch trains with verl's ``colocate_async`` trainer: the next step's answers are generated while the
-current step trains, on the same (simulated) GPUs, and partial answers resume under newer weights.
+Two more launches train with verl's async trainers: ``colocate_async`` (the next step's answers are generated
+while the current step trains, on the same simulated GPUs; partial answers resume under newer weights) and
+``separate_async`` (a standalone rollout pool, one mini-batch per update, the weights sent through the CPU
+backend's checkpoint engine after every cycle of updates).
 """
 
 from __future__ import annotations
@@ -207,3 +209,27 @@ def test_colocate_async_trains_disco_on_whole_questions_and_logs_their_staleness
         assert 0 <= staleness < MAX_OFF_POLICY, record["step"]
         groups = Counter(uid_of_key(row["uid"]) for row in rollouts(rollout_dir, record["step"]))  # TQ keys
         assert len(groups) == PROMPTS and set(groups.values()) == {ROLLOUT_N}, groups
+
+
+SEPARATE_STEPS = 4
+
+
+def test_separate_async_trains_disco_with_the_trust_region_measured_from_the_restored_pi_old(tmp_path):
+    """Every step is one cycle of 2 updates of one mini-batch: the first at pi_old (KL exactly 0), the second with
+    the old log-probs taken at pi_old restored from its CPU copy while the live weights have moved (a KL the
+    worker measures; it would be exactly 0 if it took the old log-probs for the current ones); whole questions
+    (DisCO's worker raises otherwise). The standalone pool gets the weights: the last step's prompts were queued
+    after the first sync, so some of its answers come from weights newer than the initial ones (a pool that never
+    got them would leave every answer 3 versions behind at step 4). Exactness: test_separate_async_exact_on_cpu."""
+    records = run_trainer(
+        "recipe.disco.main_disco",
+        e2e_overrides(SEPARATE_STEPS, "disco", "logL", trainer_mode="separate_async"),
+        tmp_path / "run",
+        timeout_s=LAUNCH_TIMEOUT_S,
+    )
+    assert [record["step"] for record in records] == list(range(1, SEPARATE_STEPS + 1))
+    for record in records:
+        assert_disco_step(record, "disco", "logL", "step")
+    assert any(record["data"]["actor/disco/kl"] != 0 for record in records)
+    last = records[-1]["data"]
+    assert last["training/off_policy/trajectory_staleness/min"] < SEPARATE_STEPS - 1, last

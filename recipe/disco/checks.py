@@ -206,7 +206,8 @@ def _trainer_mode_problems(config: DictConfig) -> list[str]:
     if rollout.checkpoint_engine.backend == "naive":
         problems.append(
             "actor_rollout_ref.rollout.checkpoint_engine.backend=naive: separate_async sends the weights to another "
-            "pool of GPUs, which the naive (same-process) engine cannot; set it to nccl"
+            "pool of GPUs, which the naive (same-process) engine cannot; set it to nccl (on the CPU backend: cpu, "
+            "with checkpoint_engine.custom_backend_module=recipe.disco.cpu.checkpoint_engine)"
         )
     return problems
 

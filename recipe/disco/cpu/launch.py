@@ -50,13 +50,23 @@ def cpu_overrides(
     mini-batch; the v1 trainer's replay buffer polls every 0.05 s instead of 2 s (``recipe.disco.cpu.sampler``).
     ``rollout="vllm"``: verl's vLLM rollout instead (``recipe.disco.cpu.vllm``; needs the environment of
     ``vllm_env.sh`` and a build of ``tiny.VLLM_MODEL_SHAPE``), one replica of ``n_gpus`` tensor-parallel workers.
-    ``trainer_mode``: verl's v1 trainer (``trainer.v1.trainer_mode``), with its fast-polling replay buffer.
+    ``trainer_mode``: verl's v1 trainer (``trainer.v1.trainer_mode``), with its fast-polling replay buffer; for
+    ``separate_async`` a standalone rollout pool of another ``n_gpus`` logical GPUs (one replica), sent the weights
+    through ``recipe.disco.cpu.checkpoint_engine`` every ``mini_batches`` updates of one mini-batch.
     """
     if rollout not in ("hf", "vllm"):
         raise ValueError(f"unknown CPU rollout {rollout!r}")
     rollout_overrides = ["actor_rollout_ref.rollout.name=hf"] if rollout == "hf" else list(vllm.OVERRIDES)
     prompts_per_mini_batch = prompts_per_step // mini_batches
     answers_per_rank = prompts_per_mini_batch * rollout_n // n_gpus
+    rollout_pool = n_gpus if trainer_mode == "separate_async" else 0
+    separate = [
+        f"trainer.v1.separate_async.parameter_sync_step={mini_batches}",
+        "actor_rollout_ref.rollout.nnodes=1",
+        f"actor_rollout_ref.rollout.n_gpus_per_node={rollout_pool}",
+        "actor_rollout_ref.rollout.checkpoint_engine.backend=cpu",
+        "actor_rollout_ref.rollout.checkpoint_engine.custom_backend_module=recipe.disco.cpu.checkpoint_engine",
+    ]
     return [
         f"data.train_files={build.train_file}",
         f"data.val_files={build.val_file}",
@@ -97,7 +107,8 @@ def cpu_overrides(
         f"trainer.v1.trainer_mode={trainer_mode}",
         f"trainer.v1.sampler.custom_sampler.name={SAMPLERS[trainer_mode]}",
         "ray_kwargs.ray_init.num_cpus=16",
-        f"+ray_kwargs.ray_init.num_gpus={n_gpus}",
+        f"+ray_kwargs.ray_init.num_gpus={n_gpus + rollout_pool}",
+        *(separate if rollout_pool else []),
     ]
 
 

@@ -11,15 +11,17 @@ rollout registries:
   ``log_softmax(logits / temperature)``, the quantity verl's actor computes as ``old_log_probs``. It also returns
   ``extra_fields["global_steps"]``, the version of the weights it sampled with. Concurrent requests (verl sends
   one per trajectory, ``n`` per prompt) are batched into one ``generate`` call per distinct sampling setting.
-* ``HFReplica``, the ``RolloutReplica`` that starts the server.
-* ``HFServerAdapter``, the ``BaseRollout`` inside each trainer worker: ``update_weights`` receives the actor's
-  weights through verl's default ``naive`` checkpoint engine, and the first rank of each replica sends them to
-  the server. The synchronous trainer does this after every actor update, so rollouts are on-policy.
+* ``HFReplica``, the ``RolloutReplica`` that starts the server, on the trainer's workers (hybrid) or on a
+  standalone pool (verl's ``separate_async`` trainer).
+* ``HFServerAdapter``, the ``BaseRollout`` inside each trainer worker (or standalone rollout worker):
+  ``update_weights`` receives the actor's weights through verl's default ``naive`` checkpoint engine (or, in a
+  standalone pool, ``recipe.disco.cpu.checkpoint_engine``), and the first rank of each replica sends them to the
+  server. The synchronous trainer does this after every actor update, so rollouts are on-policy.
 
 Limits: for tests and the demo only, never for real training. CPU only, float32, one server process per replica
 and no parallelism inside it (``tensor_model_parallel_size`` only decides how many trainer ranks share a server;
-the model is not sharded). Only the hybrid mode (rollout colocated with the trainer, verl's default) is supported,
-text only, no LoRA, no partial rollout: ``abort_all_requests`` does not interrupt a running ``generate``.
+the model is not sharded). Hybrid and standalone replicas only (not for reward or teacher models), text only, no
+LoRA, no partial rollout: ``abort_all_requests`` does not interrupt a running ``generate``.
 Generation is plain Hugging Face ``generate`` with left padding and no KV-cache sharing, so it is slow beyond
 tiny models.
 """
@@ -38,6 +40,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
+from verl.workers.rollout.utils import ensure_async_iterator
 
 BATCH_WINDOW_S = 0.01  # how long the server waits for concurrent requests before it starts a batch
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "max_tokens", "max_new_tokens"}
@@ -233,17 +236,17 @@ class HFRolloutServer:
 
 
 class HFReplica(RolloutReplica):
-    """Starts one ``HFRolloutServer`` per replica (hybrid mode only)."""
+    """Starts one ``HFRolloutServer`` per replica: on the trainer's workers (hybrid) or on a standalone pool of its
+    own (separate_async's rollout, its weights sent by ``recipe.disco.cpu.checkpoint_engine``)."""
 
     def rollout_worker_use_gpu(self) -> bool:
         return False
 
     async def launch_servers(self) -> None:
-        if self.rollout_mode != RolloutMode.HYBRID:
+        if self.rollout_mode not in (RolloutMode.HYBRID, RolloutMode.STANDALONE):
             raise NotImplementedError(
-                f"the hf rollout supports only the hybrid mode (rollout colocated with the trainer), not "
-                f"{self.rollout_mode}; keep actor_rollout_ref.hybrid_engine=True and do not use it for reward or "
-                "teacher models"
+                f"the hf rollout runs on the trainer's workers or on a standalone pool, not {self.rollout_mode}; "
+                "do not use it for reward or teacher models"
             )
         name = server_name(self.replica_rank)
         server = (
@@ -287,7 +290,8 @@ class HFServerAdapter(BaseRollout):
     ) -> None:
         """Send the actor's weights (version ``global_steps``) to this replica's server.
 
-        Every rank iterates ``weights``: producing each full tensor is a collective over the FSDP ranks.
+        Every rank iterates ``weights``: producing each full tensor is a collective over the FSDP ranks. In a
+        standalone pool ``weights`` is the checkpoint engine's stream (an async iterator).
         """
         if wire_format != "named_tensors" or peft_config is not None:
             raise NotImplementedError(
@@ -295,7 +299,7 @@ class HFServerAdapter(BaseRollout):
                 f"LoRA adapter: {peft_config is not None}); use actor_rollout_ref.rollout.checkpoint_engine."
                 "backend=naive and no LoRA"
             )
-        named_tensors = {name: tensor.detach().cpu() for name, tensor in weights}
+        named_tensors = {name: tensor.detach().cpu() async for name, tensor in ensure_async_iterator(weights)}
         if self.sends_weights:
             server = ray.get_actor(server_name(self.replica_rank))
             await server.load_weights.remote(named_tensors, global_steps)
