@@ -123,6 +123,8 @@ def paper_checks(cfg: dict, model: str, lr: float, score_func: str, tau: float, 
     trainer = cfg["trainer"]
     assert (trainer["test_freq"], trainer["save_freq"], trainer["resume_mode"]) == (20, 20, "auto")
     assert (trainer["nnodes"], trainer["n_gpus_per_node"], trainer["use_v1"]) == (1, 8, True)
+    assert (trainer["v1"]["trainer_mode"], trainer["v1"]["sampler"]["max_off_policy_threshold"]) == ("sync", 8)
+    assert (rollout["nnodes"], rollout["checkpoint_engine"]["backend"]) == (0, "naive")  # no standalone pool
     data_dir = home / "data" / "disco"
     assert cfg["data"]["train_files"] == str(data_dir / "deepscaler_train.parquet")
     names = ["aime24", "aime25", "math500", "amc23", "minerva", "olympiad_bench"]
@@ -216,10 +218,8 @@ def test_dry_run_takes_environment_and_hydra_overrides(tmp_path, script):
 
 @pytest.mark.parametrize(
     ("env", "mode", "sync_step", "rollout_pool"),
-    [
-        ({}, "sync", None, None),
+    [  # (sync, the default: test_dry_run_defaults_are_the_papers...)
         ({"TRAINER_MODE": "colocate_async"}, "colocate_async", None, None),
-        ({"TRAINER_MODE": "separate_async", "NGPUS_PER_NODE": "4"}, "separate_async", 4, (1, 4)),
         (  # 2 mini-batches per set of answers, an 8-GPU rollout node beside a training node, a looser bound
             {
                 "TRAINER_MODE": "separate_async",

@@ -2,6 +2,7 @@
 
     python -m recipe.disco.bench [--rows 256 1024] [--length 8192] [--repeats 7] [--device cpu|cuda]
     python -m recipe.disco.bench --update [--repeats 5]
+    python -m recipe.disco.bench --trainer-modes [--steps 8]
 
 The loss benchmark times, on the same (rows, length) log-probs (bf16-rounded like a bf16 actor's, long-tailed
 response lengths, n=8 answers per question), verl's ``vanilla`` loss against DisCO's per-mini-batch work: the
@@ -12,6 +13,12 @@ The update benchmark (``--update``) runs verl's real actor update (DisCO's worke
 GRPO) in one CPU process on the tiny offline model, on the same step and layout, and prints per training step the
 actor forward and backward passes per answer (the old-log-prob pass included) and the wall time of the update
 phase, for 4 mini-batches per step (the paper's) and 1, with both KL units.
+
+The trainer-mode benchmark (``--trainer-modes``) trains DisCO with ``main_disco`` on the CPU backend (the tiny task,
+2 simulated ranks, 2 mini-batches per step) in verl's ``sync`` and ``colocate_async`` trainers, one after the other,
+and prints each one's training steps per minute (from verl's ``timing_s/step``, median over the steps after the
+first) and their ratio. On 2 CPU cores generation and training compete for the same cores, so the CPU cannot show
+what overlapping them gains on GPUs.
 """
 
 from __future__ import annotations
@@ -182,6 +189,28 @@ def _update_bench(repeats: int, port: int) -> None:
             )
 
 
+TRAINER_MODES = ("sync", "colocate_async")
+
+
+def _trainer_mode_bench(steps: int) -> None:
+    import tempfile
+
+    from recipe.disco.cpu import tiny
+    from recipe.disco.cpu.launch import cpu_overrides, run_trainer
+
+    build = tiny.build_tiny(Path.home() / ".cache" / "disco-tiny", seed=0)
+    print(f"DisCO on the tiny CPU task, {steps} steps per trainer mode, 2 simulated ranks, 2 mini-batches per step")
+    rates = {}
+    for mode in TRAINER_MODES:
+        with tempfile.TemporaryDirectory() as workdir:
+            overrides = cpu_overrides(build, steps=steps, mini_batches=2, trainer_mode=mode)
+            records = run_trainer("recipe.disco.main_disco", overrides, Path(workdir))
+        # the first step also waits for the rollout servers' first answers
+        rates[mode] = 60 / float(np.median([record["data"]["timing_s/step"] for record in records[1:]]))
+        print(f"{mode:>15}: {rates[mode]:6.1f} steps/min", flush=True)
+    print(f"ratio colocate_async / sync: {rates['colocate_async'] / rates['sync']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[256, 1024])
@@ -189,7 +218,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--update", action="store_true", help="benchmark verl's actor update instead (CPU)")
+    parser.add_argument("--trainer-modes", action="store_true", help="benchmark verl's sync and colocate_async")
+    parser.add_argument("--steps", type=int, default=8, help="training steps per trainer mode (--trainer-modes)")
     args = parser.parse_args()
+    if args.trainer_modes:
+        _trainer_mode_bench(args.steps)
+        return
     if args.update:
         os.environ["DISCO_CPU_BACKEND"] = "1"  # the child imports verl (through this module) with the CPU backend on
         process = multiprocessing.get_context("spawn").Process(target=_update_bench, args=(args.repeats, _free_port()))
