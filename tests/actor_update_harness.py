@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import socket
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.multiprocessing as mp
 
 from recipe.disco.cpu import actor
 from recipe.disco.cpu.actor import StepBatch
@@ -48,6 +51,21 @@ class Recorder:
             return step()
 
         engine.optimizer_step = recording_step
+
+
+def run_ranks(rank_fn, world: int, args: tuple, deadline_s: float) -> None:
+    """``rank_fn(rank, world, port, *args)`` in ``world`` spawned processes (``port``: a free one for their process
+    group); all are killed past ``deadline_s`` (nothing may hang)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.spawn(rank_fn, args=(world, port, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"{world} ranks ran past {deadline_s} s")
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

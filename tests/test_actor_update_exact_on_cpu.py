@@ -24,13 +24,11 @@ negated coefficient, and a question split over the two mini-batches are each det
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 TESTS = Path(__file__).resolve().parent
 GROUP_SIZES = [4, 4, 3, 4, 4, 2]
@@ -152,21 +150,12 @@ def _rank(rank: int, world: int, port: int, model_dir: str, results_file: str) -
 @pytest.fixture(scope="module", params=[2, 4], ids=["2_ranks", "4_ranks"])
 def results(request, tmp_path_factory) -> tuple[int, list[dict]]:
     """Every case of one rank count, run once in spawned processes."""
+    import actor_update_harness as harness
     from e2e_utils import cached_tiny_build
 
     world = request.param
     results_file = tmp_path_factory.mktemp("exact") / "results.json"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    model_dir = str(cached_tiny_build().model_dir)
-    context = mp.spawn(_rank, args=(world, port, model_dir, str(results_file)), nprocs=world, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError(f"{world} ranks ran past {DEADLINE_S} s")
+    harness.run_ranks(_rank, world, (str(cached_tiny_build().model_dir), str(results_file)), DEADLINE_S)
     return world, json.loads(results_file.read_text())
 
 

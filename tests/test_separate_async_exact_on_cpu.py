@@ -20,13 +20,11 @@ trigger 1: KL 0, the wrong gradient), and the CPU backend's copy of the saved sh
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
@@ -98,13 +96,13 @@ def _cycles(worker, trainer, config, prompts, vocab: int, eos: int, rank: int, m
     return recorder, steps
 
 
-def _rank(rank: int, port: int, model_dir: str, results_file: str) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, results_file: str) -> None:
     sys.path.insert(0, str(TESTS))
     import actor_update_harness as harness
 
     from recipe.disco.cpu import actor
 
-    actor.init_distributed(rank, WORLD, port)
+    actor.init_distributed(rank, world, port)
     import verl.utils.fsdp_utils as fsdp_utils
     from transformers import AutoTokenizer
 
@@ -114,7 +112,7 @@ def _rank(rank: int, port: int, model_dir: str, results_file: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tiny.prompt_ids(tokenizer, a, b) for a, b in [(1, 2), (3, 4), (5, 6)]]
-    config = harness.compose_config(model_dir, WORLD, OVERRIDES)
+    config = harness.compose_config(model_dir, world, OVERRIDES)
     worker = harness.build_worker(config, DisCODetachActorWorker)
     trainer = object.__new__(DisCOTrainerSeparateAsync)  # for its flag only
     copying_save = fsdp_utils.fsdp2_sharded_save_to_cpu
@@ -156,20 +154,11 @@ def _rank(rank: int, port: int, model_dir: str, results_file: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str | None, dict]:
+    import actor_update_harness as harness
     from e2e_utils import cached_tiny_build
 
     results_file = tmp_path_factory.mktemp("separate_async") / "results.json"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    model_dir = str(cached_tiny_build().model_dir)
-    context = mp.spawn(_rank, args=(port, model_dir, str(results_file)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError(f"{WORLD} ranks ran past {DEADLINE_S} s")
+    harness.run_ranks(_rank, WORLD, (str(cached_tiny_build().model_dir), str(results_file)), DEADLINE_S)
     return {result["mutation"]: result for result in json.loads(results_file.read_text())}
 
 
