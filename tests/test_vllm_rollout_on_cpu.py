@@ -145,7 +145,9 @@ def test_lora_adapters_train_and_reach_vllm_exactly_after_every_weight_sync(tmp_
         disco = {key: value for key, value in data.items() if key.startswith("actor/disco/")}
         assert disco and all(math.isfinite(value) for value in disco.values()), (step, disco)
         assert data["actor/grad_norm"] > 0, step
-        # the second mini-batch runs at updated adapters: KL(pi_old || pi) estimated on its answers, measured
-        # 0.03 to 0.18 in absolute value (a sample mean of log-ratios: either sign), far above what EXACT could hide
-        assert abs(data["actor/disco/kl"]) > 1e-3, (step, data["actor/disco/kl"])
+        # the second mini-batch runs at updated adapters: its KL estimate, a sample mean of log pi_old - log pi,
+        # is not the 0 (or float noise, under 1e-6) of an unmoved policy. Only its being non-zero is checked: the
+        # mean is second order in the move and its sampling noise first order, so its size and sign depend on
+        # which tokens were sampled (measured from -2e-4 to 0.18)
+        assert abs(data["actor/disco/kl"]) > 1e-6, (step, data["actor/disco/kl"])
         assert data["training/rollout_probs_diff_max"] <= EXACT, (step, data["training/rollout_probs_diff_max"])
