@@ -328,15 +328,17 @@ def test_u_is_state_without_gradient_and_the_surrogate_gradient_per_answer_is_mi
     s_neg = torch.tensor([[-2.0, -4.0], [-0.5, -9.0]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[-1.5, -6.0], [-2.5, -3.0]], dtype=torch.float64)
     log_u_prev = torch.tensor([0.2, -0.7], dtype=torch.float64)
-    loss, log_u, metrics = objective.dft_loss(s_pos, s_neg, log_u_prev, replace(DFT_PRESET, tau=0.7), ref)
-    assert not log_u.requires_grad
+    loss, log_u, weights = objective.dft_loss(s_pos, s_neg, log_u_prev, replace(DFT_PRESET, tau=0.7), ref)
+    assert not log_u.requires_grad and not weights.requires_grad
     g_pos, g_neg = torch.autograd.grad(loss, (s_pos, s_neg))
     expected = [ref_sox(lu, (row_s / 0.7 - row_r).tolist(), 0.85) for lu, row_s, row_r in zip([0.2, -0.7], s_neg, ref)]
     assert torch.allclose(g_pos, torch.full((2,), -0.5, dtype=torch.float64))
     np.testing.assert_allclose(g_neg.numpy(), [[w / 4 for w in e[1]] for e in expected], rtol=1e-13)
     np.testing.assert_allclose(log_u.numpy(), [e[0] for e in expected], rtol=1e-13)
-    assert metrics["dft/score_pos"].item() == pytest.approx(-2.0)
-    assert metrics["dft/weight_mean"].item() == pytest.approx(np.mean([e[1] for e in expected]))
+    metrics = objective.step_metrics(s_pos, s_neg, weights, log_u, 0.7)
+    assert metrics["dft/score_pos"] == pytest.approx(-2.0)
+    assert metrics["dft/weight_mean"] == pytest.approx(np.mean([e[1] for e in expected]))
+    assert metrics["dft/objective_estimate"] == pytest.approx(np.mean([0.7 * e[0] for e in expected]) + 2.0)
 
 
 def test_passing_the_global_batch_size_splits_the_step_into_micro_batch_shares_that_add_up():

@@ -173,17 +173,14 @@ def dft_loss(
     settings: DFTSettings,
     ref_log_prob: torch.Tensor | None = None,
     batch_size: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One step of Algorithm 36 for the examples of B_t: (L, log u_{i,t}, metrics).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of Algorithm 36 for the examples of B_t: (L, log u_{i,t}, the weights exp(a_ij) / u_{i,t}).
 
     ``s_pos`` (n,): s(y_i) of the data outputs; ``s_neg`` (n, B): s(y'_ij) of the negatives (B =
     ``settings.num_negatives``); ``log_u_prev`` (n,): log u_{i,t-1} of these examples (0 on first visit);
     ``ref_log_prob`` (n, B): log pi_ref(y'_ij | prompt), token sums, required for ``dft`` and refused for ``dft2``.
     The caller stores the returned log u_{i,t} (detached) for the next visit of each example. u_{i,t} includes this
     step's negatives and is used in this step's weights, as in the algorithm.
-
-    Metrics (detached): mean s of data outputs and of negatives, mean and max weight, mean log u_{i,t}, and
-    ``objective_estimate`` = (1/n) sum_i (-s(y_i) + tau log u_{i,t}), the running estimate of F on the batch.
     """
     n = s_pos.shape[0]
     if s_pos.dim() != 1 or s_neg.shape != (n, settings.num_negatives) or log_u_prev.shape != (n,):
@@ -198,14 +195,21 @@ def dft_loss(
     a = exponents(s_neg.detach(), settings.tau, ref_log_prob)
     log_u = update_log_u(log_u_prev, a, settings.gamma)
     weights = negative_weights(a, log_u)
-    loss = surrogate_loss(s_pos, s_neg, weights, batch_size)
-    with torch.no_grad():
-        metrics = {
-            "dft/score_pos": s_pos.mean(),
-            "dft/score_neg": s_neg.mean(),
-            "dft/weight_mean": weights.mean(),
-            "dft/weight_max": weights.max(),
-            "dft/log_u_mean": log_u.mean(),
-            "dft/objective_estimate": (settings.tau * log_u - s_pos).mean(),
-        }
-    return loss, log_u, metrics
+    return surrogate_loss(s_pos, s_neg, weights, batch_size), log_u, weights
+
+
+@torch.no_grad()
+def step_metrics(
+    s_pos: torch.Tensor, s_neg: torch.Tensor, weights: torch.Tensor, log_u: torch.Tensor, tau: float
+) -> dict[str, float]:
+    """DFT's diagnostics over a step's examples: mean s of data outputs and of negatives, mean and max weight,
+    mean log u_{i,t}, and ``objective_estimate`` = (1/n) sum_i (-s(y_i) + tau log u_{i,t}), the running estimate
+    of F on the step's examples."""
+    return {
+        "dft/score_pos": float(s_pos.mean()),
+        "dft/score_neg": float(s_neg.mean()),
+        "dft/weight_mean": float(weights.mean()),
+        "dft/weight_max": float(weights.max()),
+        "dft/log_u_mean": float(log_u.mean()),
+        "dft/objective_estimate": float((tau * log_u - s_pos).mean()),
+    }

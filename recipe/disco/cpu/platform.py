@@ -1,10 +1,10 @@
-"""A CPU platform for verl's platform registry, and the two fixes it needs (process group, CPU copies).
+"""A CPU platform for verl's platform registry, and the fixes it needs (process groups, CPU copies).
 
 verl 0.9.1 ships platforms for nvidia, huawei and amd only and falls back to nvidia, which fails on a machine
-without a GPU. ``activate`` makes verl's trainer process group a plain ``gloo`` one, makes the CPU copies of
-separate_async's pi_old copies (:func:`_copied_shards`), registers ``CPUPlatform`` under the name ``cpu`` and
-makes it the process-wide platform. It must run before ``verl.workers.engine_workers`` is imported, because that
-module binds the process-group function by name.
+without a GPU. ``activate`` makes verl's process groups (Ray workers', torchrun's) plain ``gloo`` ones, makes
+separate_async's CPU copies of pi_old copies (:func:`_copied_shards`), registers ``CPUPlatform`` under the name
+``cpu`` and makes it the process-wide platform. It must run before ``verl.workers.engine_workers`` is imported,
+because that module binds the process-group function by name.
 
 How verl sees the CPU:
 * ``device_name`` is ``cpu``, so tensors stay on the CPU;
@@ -21,6 +21,7 @@ import os
 import sys
 import types
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -153,6 +154,7 @@ def activate() -> None:
 
     initialize = distributed.initialize_global_process_group_ray
     distributed.initialize_global_process_group_ray = _gloo_process_group(initialize)
+    distributed.initialize_global_process_group = _gloo_torchrun_process_group
     fsdp_utils.fsdp2_sharded_save_to_cpu = _copied_shards(fsdp_utils.fsdp2_sharded_save_to_cpu)
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     PlatformRegistry.register(platform=PLATFORM_NAME)(CPUPlatform)
@@ -171,6 +173,17 @@ def _gloo_process_group(initialize):
         initialize(timeout_second=timeout_second, backend=backend or "gloo")
 
     return initialize_gloo
+
+
+def _gloo_torchrun_process_group(timeout_second: int = 36000) -> tuple[int, int, int]:
+    """verl's ``initialize_global_process_group`` (the torchrun entry points: the SFT trainer) on plain ``gloo``,
+    for the same reason as :func:`_gloo_process_group`; returns (local rank, rank, world size) as verl's does."""
+    import torch.distributed
+
+    torch.distributed.init_process_group(
+        backend="gloo", timeout=timedelta(seconds=timeout_second), init_method=os.environ.get("DIST_INIT_METHOD")
+    )
+    return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def _copied_shards(save):
