@@ -14,8 +14,9 @@ a plain forward pass, u is carried from step to step by the test itself (u_i = 1
 is taken by autograd. log pi_ref of each negative is the base model's own log-probability minus 3 +- 1, so that the
 weights exp(a)/u are of order 1 and u_i is far from 1 (a forgotten u changes the gradient). The rows are checked
 against the pool: each example's data output, B distinct pool negatives, a fresh set in epoch 2, every example once an
-epoch. Breaking the method breaks the test: u not updated, u kept per rank (each rank applies its own updates only),
-and a negative split from its example.
+epoch. Validation after steps 2 and 4 must leave u alone (steps 3 and 5 would read it). Breaking the method breaks the
+test: u not updated, u kept per rank (each rank applies its own updates only), a negative split from its example, and
+validation scored as training.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ EXAMPLES, POOL, B, BATCH, STEPS, EPOCH_STEPS = 6, 4, 2, 2, 5, 3
 TOLERANCE = 1e-9  # relative error of each step's gradient; float64 round-off is ~1e-15
 TOKEN_BUDGET = 192  # holds one example's 1 + B sequences (about 120 tokens), not a step's two examples
 DEADLINE_S = 900  # nothing may hang: the ranks are killed past this (a run takes about 20 s here)
-SABOTAGES = ("u_not_updated", "u_per_rank", "negative_split")
+SABOTAGES = ("u_not_updated", "u_per_rank", "negative_split", "validation_updates_u")
 
 
 def _messages(a: int, b: int) -> list[dict]:
@@ -189,6 +190,15 @@ def _sabotage(trainer, sabotage: str | None) -> None:
         client._gathered = lambda records: records
     elif sabotage == "negative_split":
         client.group_size = 1  # verl's micro-batches of one row then cut every example apart
+    elif sabotage == "validation_updates_u":
+        from verl.utils import tensordict_utils as tu
+        from verl.workers.engine_workers import TrainingWorker
+
+        def infer_batch_as_training(data):
+            tu.assign_non_tensor(data, force_group_size=client.group_size)
+            return TrainingWorker.infer_batch(client, data)
+
+        client.infer_batch = infer_batch_as_training
 
 
 def fit(model_dir: str, tmp: Path, world: int, overrides=(), sabotage: str | None = None, pool: Path | None = None):
@@ -314,10 +324,13 @@ def model_dir() -> str:
 @pytest.fixture(scope="module")
 def two_rank_run(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dft_two_ranks")
-    return fit(model_dir, tmp, 2), tmp
+    validation = [f"data.val_files={tmp / 'pool.parquet'}", "trainer.test_freq=2"]  # after steps 2 and 4
+    return fit(model_dir, tmp, 2, validation), tmp
 
 
-def test_every_step_on_2_ranks_is_algorithm_36_with_u_identical_on_every_rank(model_dir, two_rank_run):
+def test_every_step_on_2_ranks_is_algorithm_36_with_u_identical_on_every_rank_and_validation_apart(
+    model_dir, two_rank_run
+):
     (records, pool), _ = two_rank_run
     assert problems(model_dir, records, pool) == []
 
@@ -356,7 +369,11 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(
 
 @pytest.mark.parametrize("sabotage", SABOTAGES)
 def test_a_broken_dft_step_is_detected(model_dir, tmp_path, sabotage):
-    records, pool = fit(model_dir, tmp_path, 2, sabotage=sabotage)
+    validation = [f"data.val_files={tmp_path / 'pool.parquet'}", "trainer.test_freq=2"]
+    records, pool = fit(model_dir, tmp_path, 2, validation, sabotage=sabotage)
     found = problems(model_dir, records, pool)
-    expected = {"u_not_updated": "gradient", "u_per_rank": "log u", "negative_split": "split from its negatives"}
+    expected = {
+        "u_not_updated": "gradient", "u_per_rank": "log u", "negative_split": "split from its negatives",
+        "validation_updates_u": "scored twice",  # the step after a validation would apply its u updates as well
+    }  # fmt: skip
     assert any(expected[sabotage] in problem for problem in found), found
