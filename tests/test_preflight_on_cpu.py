@@ -7,6 +7,7 @@ model and data). GPU items take a :class:`Gpus` argument, so a card can be given
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -612,6 +613,52 @@ def test_memory_is_not_checked_without_a_gpu_or_a_model_shape(tiny):
     unknown = paper_config("org/unknown-model")
     check = item(preflight.preflight_checks(unknown, Gpus(8, H100)), "GPU memory")
     assert check.status == NOT_CHECKED and check.detail.startswith("actor_rollout_ref.model.path=org/unknown-model")
+
+
+ROLLOUT_TP = "actor_rollout_ref.rollout.tensor_model_parallel_size"
+ROLLOUT_SHARE = "actor_rollout_ref.rollout.gpu_memory_utilization"
+
+
+def test_the_rollout_engine_must_hold_its_weights_and_one_full_sequence():
+    """7B in bf16 on one GPU per engine: weights 2P = 2 x 7,615,616,512 bytes; one sequence of 1024 + 8192 tokens
+    caches a key and a value of 4 heads x 128 in each of 28 layers: 2 x 28 x 4 x 128 x 2 x 9216 bytes."""
+    weights, cache = 2 * 7_615_616_512, 2 * 28 * 4 * 128 * 2 * 9216
+    small = paper_config(M7, f"{ROLLOUT_TP}=1", f"{ROLLOUT_SHARE}=0.15")
+    check = item(preflight.preflight_checks(small, Gpus(8, H100)), "rollout memory")
+    assert check.status == PROBLEM
+    assert check.detail.startswith(
+        f"per GPU of the GPUs (GiB): weights {weights / GIB:.2f}, KV cache of one sequence {cache / GIB:.2f} within "
+        f"{ROLLOUT_SHARE}=0.15 x 79.6: the engine would not start"
+    )
+    least = math.ceil((weights + cache) / H100 * 20) / 20  # 0.20
+    assert f"raise {ROLLOUT_SHARE} to {least:.2f} or raise {ROLLOUT_TP}=1" in check.detail
+    fitted = paper_config(M7, f"{ROLLOUT_TP}=1", f"{ROLLOUT_SHARE}={least}")
+    assert item(preflight.preflight_checks(fitted, Gpus(8, H100)), "rollout memory").status == OK
+    split = paper_config(M7, f"{ROLLOUT_TP}=2", f"{ROLLOUT_SHARE}=0.15")  # half the weights and heads per GPU
+    assert item(preflight.preflight_checks(split, Gpus(8, H100)), "rollout memory").status == OK
+
+
+def test_tensor_parallelism_beyond_the_key_value_heads_replicates_them():
+    shape = preflight.PAPER_MODELS[M7]  # 4 key/value heads
+    per_head = 2 * 28 * 128 * 2 * 100
+    assert preflight.rollout_engine_memory(shape, 2, 2, 100)["KV cache of one sequence"] == 2 * per_head
+    assert preflight.rollout_engine_memory(shape, 8, 2, 100)["KV cache of one sequence"] == per_head
+    assert preflight.rollout_engine_memory(shape, 8, 4, 100)["weights"] == 4 * shape.params // 8
+
+
+def test_separate_async_checks_its_rollout_pool_and_frees_the_training_gpus_only_without_hybrid_replicas():
+    mode = ("trainer.v1.trainer_mode=separate_async", "actor_rollout_ref.rollout.n_gpus_per_node=4")
+    reservation = "rollout engine (gpu_memory_utilization x card)"
+
+    def generation(*extra: str) -> int:
+        config = paper_config(M15, *mode, *extra)
+        layout = preflight.layout_from_config(config)
+        return preflight.estimate_memory(preflight.PAPER_MODELS[M15], layout, H100).phases["generation"][reservation]
+
+    assert generation() == pytest.approx(0.85 * H100, abs=1)  # verl's hybrid replicas generate on the training GPUs too
+    assert generation("actor_rollout_ref.hybrid_engine=False") == 0
+    check = item(preflight.preflight_checks(paper_config(M15, *mode), Gpus(12, H100)), "rollout memory")
+    assert check.status == OK and check.detail.startswith("per GPU of separate_async's rollout pool (GiB): weights")
 
 
 def test_a_local_config_json_wins_over_the_table(tmp_path):

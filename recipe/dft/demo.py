@@ -193,6 +193,7 @@ def check_same_positives(model_dir: Path, sft_file: Path, pool_file: Path) -> No
     from transformers import AutoTokenizer
     from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
 
+    from recipe.dft.bench import positive_differences
     from recipe.dft.data import DFTDataset, read_pool
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -200,17 +201,11 @@ def check_same_positives(model_dir: Path, sft_file: Path, pool_file: Path) -> No
     config.max_length = MAX_LENGTH
     sft = MultiTurnSFTDataset(parquet_files=str(sft_file), tokenizer=tokenizer, config=config)
     dft = DFTDataset(read_pool(str(pool_file), 1, None), tokenizer, 1, MAX_LENGTH, seed=0)
-    for row in range(len(dft)):
-        mine, verls = dft[row], sft[row]
-        if not (
-            mine.input_ids[0].tolist() == verls["input_ids"].tolist()
-            and mine.loss_mask[0].tolist() == verls["loss_mask"].tolist()
-        ):
-            raise RuntimeError(
-                f"row {row}: verl's SFT dataset tokenizes {sft_file} as {verls['input_ids'].tolist()} (loss mask "
-                f"{verls['loss_mask'].tolist()}), DFT's data output as {mine.input_ids[0].tolist()} (loss mask "
-                f"{mine.loss_mask[0].tolist()})"
-            )
+    differences = positive_differences(sft, dft, tokenizer)
+    if differences:
+        raise RuntimeError(
+            f"verl's SFT dataset tokenizes {sft_file} unlike DFT's data outputs: {'; '.join(differences)}"
+        )
 
 
 def file_digest(path: Path) -> str:

@@ -101,6 +101,21 @@ class MemoryEstimate:
         return max(self.phases, key=self.total)
 
 
+def rollout_engine_memory(shape: ModelShape, tensor_parallel: int, dtype_bytes: int, max_model_len: int) -> dict:
+    """The least a vLLM/SGLang engine holds on each of its GPUs within ``gpu_memory_utilization x card``, term by
+    term: its weights, b P / tp, and the KV cache of one ``max_model_len`` sequence, 2 L ceil(kv_heads / tp) d b per
+    token (a key and a value per layer; tensor parallelism splits the key/value heads, and replicates them when there
+    are fewer heads than GPUs). b = bytes of the rollout dtype, d = head dimension. The engine refuses to start when
+    one sequence's cache does not fit beside its weights.
+    """
+    heads = -(-shape.kv_heads // tensor_parallel)
+    head_dim = shape.kv_dim // shape.kv_heads
+    return {
+        "weights": dtype_bytes * shape.params // tensor_parallel,
+        "KV cache of one sequence": 2 * shape.layers * heads * head_dim * dtype_bytes * max_model_len,
+    }
+
+
 def estimate_memory(shape: ModelShape, layout: Layout, card_bytes: int) -> MemoryEstimate:
     """Conservative per-GPU memory of the colocated actor (FSDP) and rollout engine, per phase of a training step.
 

@@ -38,13 +38,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipe.disco.checks import DEFAULT_ATTENTION, DisCOConfigError, ulysses_size, validate
 from recipe.disco.data import PROMPT_SUFFIX, SCHEMA
-from recipe.disco.memory import GIB, PAPER_MODELS, Layout, MemoryEstimate, ModelShape, estimate_memory
+from recipe.disco.memory import (
+    GIB,
+    PAPER_MODELS,
+    Layout,
+    MemoryEstimate,
+    ModelShape,
+    estimate_memory,
+    rollout_engine_memory,
+)
 
 OK, PROBLEM, NOT_CHECKED = "ok", "PROBLEM", "not checked"
 IGNORE_ENV = "DISCO_IGNORE_PREFLIGHT"
 PREPARE_DATA = "bash recipe/disco/prepare_data.sh"
 ROLLOUT = "actor_rollout_ref.rollout"
 ENGINES = ("vllm", "sglang")  # the rollout engines that reserve gpu_memory_utilization of each GPU
+DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4, "float": 4}
 ATTN_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
 # verl 0.9.1's default when override_config names none (verl/workers/config/model.py:185)
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
@@ -94,7 +103,7 @@ def layout_from_config(config: DictConfig) -> Layout:
         shard_gpus=fsdp_size if 0 < fsdp_size < world else world,
         update_tokens=update_tokens,
         log_prob_tokens=log_prob_tokens,
-        rollout_fraction=rollout.gpu_memory_utilization if _rollout_name(config) in ENGINES else 0.0,
+        rollout_fraction=rollout.gpu_memory_utilization if _colocated_engine(config) else 0.0,
         rollout_sleeps=bool(rollout.free_cache_engine and rollout.get("enable_sleep_mode", True)),
         param_offload=bool(actor.fsdp_config.param_offload),
         optimizer_offload=bool(actor.fsdp_config.optimizer_offload),
@@ -143,6 +152,7 @@ def preflight_checks(config: DictConfig, gpus: Gpus | None = None) -> list[Check
         _wandb_check(config),
         _disk_check(config, shape, shape_error),
         _memory_check(config, gpus, shape, shape_error),
+        _rollout_memory_check(config, gpus, shape, shape_error),
     ]
 
 
@@ -511,6 +521,46 @@ def _memory_check(config: DictConfig, gpus: Gpus, shape: ModelShape | None, shap
         return Check("GPU memory", OK, detail)
     fixes = "; ".join(_memory_fix(phase, estimate, layout, gpus.memory_bytes) for phase in over)
     return Check("GPU memory", PROBLEM, f"{detail}; {fixes}")
+
+
+def _colocated_engine(config: DictConfig) -> bool:
+    """A vLLM/SGLang engine shares the training GPUs: always, except in separate_async without hybrid replicas
+    (``actor_rollout_ref.hybrid_engine=False``: the standalone pool alone generates, trainer_base.py:366-379)."""
+    standalone_only = config.trainer.v1.trainer_mode == "separate_async" and not config.actor_rollout_ref.get(
+        "hybrid_engine", True
+    )
+    return _rollout_name(config) in ENGINES and not standalone_only
+
+
+def _rollout_memory_check(config: DictConfig, gpus: Gpus, shape: ModelShape | None, shape_error: str) -> Check:
+    """The rollout engine's weights and one full-length sequence's KV cache within its share of each GPU, on the
+    training GPUs or on separate_async's rollout pool (taken to have this node's card)."""
+    rollout = config.actor_rollout_ref.rollout
+    if _rollout_name(config) not in ENGINES:
+        return Check("rollout memory", NOT_CHECKED, f"{ROLLOUT}.name={_rollout_name(config)} reserves no share")
+    if not gpus.count or not gpus.memory_bytes:
+        return Check("rollout memory", NOT_CHECKED, "no GPU" if not gpus.count else "the card's memory is unknown")
+    if shape is None:
+        return Check("rollout memory", NOT_CHECKED, shape_error)
+    tp, fraction = rollout.tensor_model_parallel_size, rollout.gpu_memory_utilization
+    max_model_len = rollout.get("max_model_len") or config.data.max_prompt_length + config.data.max_response_length
+    terms = rollout_engine_memory(shape, tp, DTYPE_BYTES.get(str(rollout.dtype), 2), max_model_len)
+    share, needed = fraction * gpus.memory_bytes, sum(terms.values())
+    where = "separate_async's rollout pool" if config.trainer.v1.trainer_mode == "separate_async" else "the GPUs"
+    detail = (
+        f"per GPU of {where} (GiB): "
+        + ", ".join(f"{term} {value / GIB:.2f}" for term, value in terms.items())
+        + f" within {ROLLOUT}.gpu_memory_utilization={fraction} x {gpus.memory_bytes / GIB:.1f}"
+    )
+    if needed <= share:
+        return Check("rollout memory", OK, detail)
+    least = math.ceil(needed / gpus.memory_bytes * 20) / 20
+    raise_fraction = f"raise {ROLLOUT}.gpu_memory_utilization to {least:.2f} or " if least < 1 else ""
+    return Check(
+        "rollout memory",
+        PROBLEM,
+        f"{detail}: the engine would not start; {raise_fraction}raise {ROLLOUT}.tensor_model_parallel_size={tp}",
+    )
 
 
 def _memory_fix(phase: str, estimate: MemoryEstimate, layout: Layout, card: int) -> str:
