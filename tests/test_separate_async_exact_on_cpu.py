@@ -9,8 +9,12 @@ pi_old is restored for the old-log-prob pass, then the live weights are restored
 worker (``recipe.disco.worker.DisCODetachActorWorker``, its ``save_model_to_cpu`` / ``restore_model_from_cpu`` /
 ``clear_cpu_model`` as verl calls them) runs 2 cycles of 2 updates on 2 gloo ranks with the engine in float64,
 told what ``DisCOTrainerSeparateAsync`` tells it, and every optimizer step's gradient must equal the float64
-gradient of L(w; pi_old = the cycle's starting weights) (``tests/disco_reference.py``). With delta = 1e-4 the
-trust-region hinge is active at trigger 1: the KL from pi_old is measured, not assumed 0.
+gradient of L(w; pi_old = the cycle's starting weights) (``tests/disco_reference.py``). At trigger 1 the KL from
+pi_old is measured, not assumed 0, and with delta = 1e-4 the trust-region hinge is active where it is positive.
+The KL is the sample mean of log pi_old - log pi over the step's answers, random tokens rather than samples of
+pi_old, so its sign at a given update depends on the build's weights: the test asks for the hinge at one later
+update of the three at least. The learning rate keeps the move of one update moderate on any build (at 3e-3 an
+Intel Xeon's build moved log-probs by 18 in one update, and the literal reference's exp(exp(18)/tau) overflowed).
 
 Mutations that must fail it: the trainer's flag dropped (the worker takes the old log-probs as the current ones at
 trigger 1: KL 0, the wrong gradient), and the CPU backend's copy of the saved shards removed (on a CPU verl's
@@ -31,7 +35,7 @@ WORLD = 2
 GROUP_SIZES = [4, 3, 4]  # one mini-batch of 3 questions per update, padded by verl-style rows
 N = 4
 SYNC_STEP = 2
-CYCLES = 2
+CYCLES = 3
 MAX_RESPONSE = 12
 TEMPERATURE = 0.5
 DELTA = 1e-4
@@ -45,7 +49,7 @@ OVERRIDES = [
     f"actor_rollout_ref.rollout.n={N}",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
-    "actor_rollout_ref.actor.optim.lr=3e-3",
+    "actor_rollout_ref.actor.optim.lr=1e-4",
     "actor_rollout_ref.actor.optim.weight_decay=0",
     "actor_rollout_ref.actor.policy_loss.kl_unit=step",  # the worker's coefficients, not the loss's own
     "actor_rollout_ref.actor.policy_loss.objective=disco",
@@ -170,10 +174,12 @@ def test_every_update_of_a_cycle_has_the_gradient_of_L_with_pi_old_the_restored_
     assert run["extra_forward_passes"] == CYCLES * (SYNC_STEP - 1), run
 
 
-def test_the_trust_region_is_active_at_the_later_updates_of_a_cycle(results):
+def test_the_kl_from_pi_old_is_measured_at_the_later_updates_of_a_cycle_and_activates_the_hinge(results):
     run = results[None]
     later = [j for j in range(CYCLES * SYNC_STEP) if j % SYNC_STEP]
-    assert [run["constraint_active"][j] for j in later] == [1.0] * len(later), run
+    assert all(abs(run["kl"][j]) > DELTA for j in later), run  # measured from pi_old, not the live weights' 0
+    assert all(run["constraint_active"][j] == float(run["kl"][j] > DELTA) for j in later), run
+    assert any(run["constraint_active"][j] == 1.0 for j in later), run
     assert all(run["kl"][j] == 0.0 for j in range(0, CYCLES * SYNC_STEP, SYNC_STEP)), run  # at pi_old itself
 
 
