@@ -7,7 +7,7 @@ separate_async trains one mini-batch per update and sends the weights to its rol
 the old log-probs come from them; at later updates (trigger >= 1) the live weights, which have moved on, are saved,
 pi_old is restored for the old-log-prob pass, then the live weights are restored. Here DisCO's version of that
 worker (``recipe.disco.worker.DisCODetachActorWorker``, its ``save_model_to_cpu`` / ``restore_model_from_cpu`` /
-``clear_cpu_model`` as verl calls them) runs 2 cycles of 2 updates on 2 gloo ranks with the engine in float64,
+``clear_cpu_model`` as verl calls them) runs 3 cycles of 2 updates on 2 gloo ranks with the engine in float64,
 told what ``DisCOTrainerSeparateAsync`` tells it, and every optimizer step's gradient must equal the float64
 gradient of L(w; pi_old = the cycle's starting weights) (``tests/disco_reference.py``). At trigger 1 the KL from
 pi_old is measured, not assumed 0, and with delta = 1e-4 the trust-region hinge is active where it is positive.
