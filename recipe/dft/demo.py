@@ -144,6 +144,7 @@ def demo_model(build: tiny.TinyBuild, out: Path) -> Path:
 
 def prepare_task(out: Path) -> Task:
     """Build (or reuse) the carry task, the demo's model, the positives and the negatives pool under ``out``."""
+    print(f"=== the carry task (build seed {BUILD_SEED}) in {out}: about 3 min the first time, then reused", flush=True)
     build = carry.build_carry(out, BUILD_SEED)
     model_dir = demo_model(build, out)
     questions = carry.read_questions(build)
