@@ -224,39 +224,30 @@ def success_rates(
     tokens, as verl's rollout samples) that the project's reward scores 1. Questions are batched by prompt length,
     so no padding enters the model."""
     prompts = [tiny.prompt_ids(tokenizer, a, b) for a, b in pairs]
-    by_length = defaultdict(list)
-    for position, prompt in enumerate(prompts):
-        by_length[len(prompt)].append(position)
-    rates = [0.0] * len(pairs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(seed)
-            for length in sorted(by_length):
-                positions = by_length[length]
-                batch = torch.tensor([prompts[p] for p in positions]).repeat_interleave(n, 0)
-                output = model.generate(
-                    batch,
-                    attention_mask=torch.ones_like(batch),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=SAMPLE_MAX_TOKENS,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                texts = tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
-                for row, position in enumerate(positions):
-                    gold = [str(sum(pairs[position]))]
-                    scores = [
-                        compute_score("", text, gold, require_think=False) for text in texts[row * n : (row + 1) * n]
-                    ]
-                    rates[position] = sum(scores) / n
+            answers = tiny.generate_unpadded(
+                model,
+                tokenizer,
+                prompts,
+                n,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=SAMPLE_MAX_TOKENS,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
     finally:
         torch.set_num_threads(threads)
-    return rates
+    return [
+        sum(compute_score("", text, [str(a + b)], require_think=False) for text in texts) / n
+        for (a, b), texts in zip(pairs, answers, strict=True)
+    ]
 
 
 def parse_question(prompt: str) -> tuple[int, int]:

@@ -243,6 +243,25 @@ def _adamw_steps(model: PreTrainedModel, loss: Callable[[], torch.Tensor], *, st
         model.eval()
 
 
+def generate_unpadded(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], n: int = 1, **settings
+) -> list[list[str]]:
+    """``n`` continuations of each prompt by ``model.generate(**settings)``, decoded without special tokens. Prompts
+    are batched by length (shortest first), so no padding enters the model."""
+    by_length: dict[int, list[int]] = {}
+    for position, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(position)
+    texts: list[list[str]] = [[] for _ in prompts]
+    for length in sorted(by_length):
+        positions = by_length[length]
+        batch = torch.tensor([prompts[p] for p in positions]).repeat_interleave(n, 0)
+        output = model.generate(batch, attention_mask=torch.ones_like(batch), **settings)
+        decoded = tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+        for row, position in enumerate(positions):
+            texts[position] = decoded[row * n : (row + 1) * n]
+    return texts
+
+
 def response_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a response: the text, then the eos that ends it."""
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
