@@ -15,6 +15,12 @@ settings.load_profile("fixed")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "recipe" / "disco" / "config")
 
+# The tests that start a Ray cluster (verl's trainer, Ray actors or tasks) share one pytest-xdist worker, one after
+# another, under the test command's `-n 2 --dist loadgroup`; the other worker runs the rest meanwhile. One Ray
+# cluster at a time keeps Ray's fixed 30-s wait for its node to register far off on 2 busy cores (measured here:
+# 3 s alone, 5 s beside 4 busy processes), and the session's shared training run (``trained_run``) is made once.
+RAY = pytest.mark.xdist_group("ray")
+
 
 def compose_disco(overrides: list[str] | tuple[str, ...] = ()):
     """The recipe's ``disco_trainer.yaml`` composed by Hydra, as verl's entry point would."""
@@ -53,4 +59,4 @@ def _quiet_env(monkeypatch):
     yield
 
 
-__all__ = ["compose_disco", "disco_actor_config", "CONFIG_DIR", "os"]
+__all__ = ["compose_disco", "disco_actor_config", "CONFIG_DIR", "RAY", "os"]

@@ -6,22 +6,29 @@ Checks that change process-wide state (the backend's activation) run in fresh pr
 
 from __future__ import annotations
 
+import fcntl
+import json
+import multiprocessing
 import os
 import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import RAY
 from e2e_utils import cached_tiny_build, cpu_overrides, run_trainer
 
 from recipe.disco.cpu import tiny
 from recipe.disco.data import SCHEMA
 from recipe.disco.reward import compute_score
+
+pytestmark = RAY  # verl's trainer and Ray checks: one Ray cluster at a time (conftest.py)
 
 CHECKS = Path(__file__).with_name("cpu_backend_checks.py")
 QUESTION = re.compile(r"^What is (\d+)\+(\d+)\? (.*)$")
@@ -65,6 +72,36 @@ def test_tiny_build_is_deterministic_and_reused(build, tmp_path):
     assert tiny.build_tiny(tmp_path, seed=0) == fresh
     assert (fresh_root / "model/model.safetensors").stat().st_mtime_ns == stamp, "a finished build was rebuilt"
     assert tiny.split_problems(1) != tiny.split_problems(0)
+
+
+def _build_in_a_child(target: str, spec: dict) -> None:
+    """A second builder of ``target``, whose own write must never run."""
+
+    def write(staging: Path) -> None:
+        raise AssertionError("built again: the build finished while this builder waited was not reused")
+
+    tiny.build_once(Path(target), spec, write)
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether process ``pid`` waits for a file lock (Linux's /proc/locks lists waiters after '->')."""
+    return any("->" in line and line.split()[5] == str(pid) for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_builder_waits_for_a_build_under_way_and_reuses_it(tmp_path):
+    target, spec = tmp_path / "build", {"what": "a test build"}
+    lock = open(tmp_path / ".build.lock", "w")  # the first builder, here, holds the target's lock
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    child = multiprocessing.get_context("spawn").Process(target=_build_in_a_child, args=(str(target), spec))
+    child.start()
+    while not _blocked_on_a_lock(child.pid):  # until the second builder waits for the lock; ending first fails
+        assert child.is_alive(), f"the second builder did not wait for the lock (exit code {child.exitcode})"
+        time.sleep(0.05)
+    target.mkdir()  # the first builder's finished build, then its lock released
+    (target / "spec.json").write_text(json.dumps(spec))
+    lock.close()
+    child.join()
+    assert child.exitcode == 0
 
 
 def test_tiny_rows_use_the_real_data_format(build):

@@ -20,12 +20,15 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM's CPU build is not installed (bash recipe/disco/cpu/vllm_env.sh VENV)")
 
+from conftest import RAY  # noqa: E402
 from e2e_utils import LAUNCH_TIMEOUT_S, cached_vllm_build  # noqa: E402
 
 from recipe.disco import first_run  # noqa: E402
 from recipe.disco.cpu import vllm as cpu_vllm  # noqa: E402
 from recipe.disco.cpu.launch import cpu_overrides, run_trainer  # noqa: E402
 from recipe.disco.plot import read_log  # noqa: E402
+
+pytestmark = RAY  # verl's trainer: one Ray cluster at a time (conftest.py)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -127,18 +130,33 @@ def test_the_demo_trains_through_vllm_with_exact_log_probs_after_every_weight_sy
 
 
 def test_lora_adapters_train_and_reach_vllm_exactly_after_every_weight_sync(tmp_path):
-    """LoRA (rank 8 on all linear layers) through verl's vLLM rollout: the engine, started from dummy weights, gets the
-    base weights and then the adapter at the first sync (verl's ``base_sync_done`` path), the new adapter at every
-    later one (``add_lora``). 3 steps of 2 mini-batches at lr 1e-2: the adapters move the policy within each step
-    (a KL on the second mini-batch), and the next step's rollout log-probs still equal the actor's."""
+    """LoRA (rank 8 on all linear layers) through verl's vLLM rollout, one replica of tensor-parallel 2: the engine,
+    started from dummy weights, gets the base weights and then the adapter at the first sync (verl's
+    ``base_sync_done`` path), the new adapter at every later one (``add_lora``). The step-0 validation, before any
+    update (the adapter's B is 0), passes the first-run check's item: a rollout still on dummy weights scores 0.
+    3 steps of 2 mini-batches at lr 1e-2: the adapters move the policy within each step (a KL on the second
+    mini-batch), and the next step's rollout log-probs still equal the actor's."""
     lora = (
         "actor_rollout_ref.model.lora_rank=8",
         "actor_rollout_ref.model.lora_alpha=16",
         "actor_rollout_ref.model.target_modules=all-linear",
     )
+    validation = (
+        "trainer.val_before_train=True",
+        "data.val_max_samples=64",
+        "actor_rollout_ref.rollout.val_kwargs.n=4",
+    )
     overrides = cpu_overrides(cached_vllm_build(), steps=3, rollout="vllm", lr=1e-2, mini_batches=2)
+    assert "actor_rollout_ref.rollout.tensor_model_parallel_size=2" in overrides
     assert "+actor_rollout_ref.model.lora.fully_sharded_loras=True" in overrides  # tensor-parallel LoRA on CPU
-    records = run_trainer("recipe.disco.main_disco", [*overrides, *lora], tmp_path, timeout_s=LAUNCH_TIMEOUT_S)
+    records = run_trainer(
+        "recipe.disco.main_disco",
+        [*overrides, *lora, *validation, *SAMPLED_VALIDATION],
+        tmp_path,
+        timeout_s=LAUNCH_TIMEOUT_S,
+    )
+    verdicts = {v.item: v for v in first_run.verdicts(read_log(tmp_path / "metrics.jsonl"), delta=1e-4)}
+    assert verdicts["step-0 validation accuracy"].status == first_run.PASS, verdicts["step-0 validation accuracy"]
     steps = {r["step"]: r["data"] for r in records if "training/rollout_probs_diff_max" in r["data"]}
     assert sorted(steps) == [1, 2, 3]
     for step, data in steps.items():

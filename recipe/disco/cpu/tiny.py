@@ -24,6 +24,7 @@ parts, whose questions start from a wide spread of success rates.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -301,22 +302,25 @@ def build_at(target: Path) -> TinyBuild:
 
 def build_once(target: Path, spec: dict, write: Callable[[Path], None]) -> None:
     """Make ``target`` a finished build of ``spec``: reuse it if it is one, else ``write`` into a staging directory
-    renamed into place, so a concurrent reader sees either no build or a finished one."""
+    renamed into place, so a reader sees either no build or a finished one. Builders of one target take turns (a
+    lock file beside it): a second process, such as another test worker, waits for the first's build and reuses it
+    instead of repeating minutes of work."""
     if _read_spec(target) == spec:
         return
-    shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        write(staging)
-        (staging / "spec.json").write_text(json.dumps(spec))
-        os.replace(staging, target)
-    except OSError:
-        if _read_spec(target) != spec:  # unless another process finished the same build first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # left only by a failed or duplicate build
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if _read_spec(target) == spec:  # built while this process waited
+            return
+        shutil.rmtree(target, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        staging.chmod(0o755)
+        try:
+            write(staging)
+            (staging / "spec.json").write_text(json.dumps(spec))
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # left only by a failed build
 
 
 def _read_spec(target: Path) -> dict | None:
