@@ -15,11 +15,33 @@ settings.load_profile("fixed")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "recipe" / "disco" / "config")
 
-# The tests that start a Ray cluster (verl's trainer, Ray actors or tasks) share one pytest-xdist worker, one after
-# another, under the test command's `-n 2 --dist loadgroup`; the other worker runs the rest meanwhile. One Ray
-# cluster at a time keeps Ray's fixed 30-s wait for its node to register far off on 2 busy cores (measured here:
-# 3 s alone, 5 s beside 4 busy processes), and the session's shared training run (``trained_run``) is made once.
-RAY = pytest.mark.xdist_group("ray")
+# The tests that start a Ray cluster (verl's trainer, Ray actors or tasks), by module or test. Under the test
+# command's `-n 2` they run one after another on one pytest-xdist worker while the other worker runs the rest, each
+# module whole on one worker (its module fixtures, such as the 4-rank exactness setup, made once). One Ray cluster at
+# a time keeps Ray's fixed 30-s wait for its node to register far off on 2 busy cores (measured here: 3 s alone, 5 s
+# beside 4 busy processes), and the session's shared training run (``trained_run``) is made once.
+RAY_TESTS = (
+    "tests/test_checkpoint_engine_on_cpu.py::",
+    "tests/test_cpu_backend_on_cpu.py::",
+    "tests/test_demo_on_cpu.py::",
+    "tests/test_e2e_disco_on_cpu.py::",
+    "tests/test_evaluate_on_cpu.py::",
+    "tests/test_grouping_on_cpu.py::",
+    "tests/test_vllm_rollout_on_cpu.py::",
+    "tests/test_reward_on_cpu.py::test_slow_answer_times_out_in_a_ray_task",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unused without -n
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling by scope, the scopes being the Ray tests together and each other module."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsInTurn(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "Ray" if nodeid.startswith(RAY_TESTS) else nodeid.split("::", 1)[0]
+
+    return RayTestsInTurn(config, log)
 
 
 def compose_disco(overrides: list[str] | tuple[str, ...] = ()):
@@ -59,4 +81,4 @@ def _quiet_env(monkeypatch):
     yield
 
 
-__all__ = ["compose_disco", "disco_actor_config", "CONFIG_DIR", "RAY", "os"]
+__all__ = ["compose_disco", "disco_actor_config", "CONFIG_DIR", "os"]

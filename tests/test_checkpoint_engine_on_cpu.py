@@ -9,12 +9,9 @@ import asyncio
 import pytest
 import ray
 import torch
-from conftest import RAY
 from verl.checkpoint_engine.base import CheckpointEngineRegistry
 
 from recipe.disco.cpu import checkpoint_engine
-
-pytestmark = RAY  # Ray actors: one Ray cluster at a time (conftest.py)
 
 BUCKET = 1 << 20
 

@@ -21,14 +21,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import RAY
 from e2e_utils import cached_tiny_build, cpu_overrides, run_trainer
 
 from recipe.disco.cpu import tiny
 from recipe.disco.data import SCHEMA
 from recipe.disco.reward import compute_score
-
-pytestmark = RAY  # verl's trainer and Ray checks: one Ray cluster at a time (conftest.py)
 
 CHECKS = Path(__file__).with_name("cpu_backend_checks.py")
 QUESTION = re.compile(r"^What is (\d+)\+(\d+)\? (.*)$")

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import CONFIG_DIR, RAY, compose_disco
+from conftest import CONFIG_DIR, compose_disco
 from e2e_utils import TINY_CACHE, cached_tiny_build
 from matplotlib.image import imread
 from omegaconf import OmegaConf
@@ -41,8 +41,6 @@ from recipe.disco.cpu import carry, tiny
 from recipe.disco.cpu.launch import run_trainer
 from recipe.disco.objective import Answers, answer_coefficients
 from recipe.disco.plot import draw, plot_runs, read_log
-
-pytestmark = RAY  # verl's trainer: one Ray cluster at a time (conftest.py)
 
 POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 # what each compared method changes against the DisCO run; everything else (data, seeds, budget) must be equal

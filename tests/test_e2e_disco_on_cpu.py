@@ -23,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import RAY
 from e2e_utils import (
     LAUNCH_TIMEOUT_S,
     MINI_BATCHES,
@@ -39,8 +38,6 @@ from e2e_utils import (
 from recipe.disco.cpu.tiny import DATA_SOURCE
 from recipe.disco.grouping import uid_of_key
 from recipe.disco.reward import compute_score_with_info
-
-pytestmark = RAY  # verl's trainer: one Ray cluster at a time (conftest.py)
 
 KINDS = ("mixed", "all_correct", "all_wrong")
 OUTCOMES = ("missing", "wrong", "right", "timeout")

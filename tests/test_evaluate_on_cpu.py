@@ -27,15 +27,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RAY, compose_disco
+from conftest import compose_disco
 from e2e_utils import N_GPUS, TRAINED_STEPS, cached_tiny_build
 from safetensors.torch import load_file
 from torch.distributed.tensor import Shard
 
 from recipe.disco import data, evaluate
 from recipe.disco.reward import compute_score_with_info
-
-pytestmark = RAY  # the shared training run and verl's generation: one Ray cluster at a time (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ORDER = ["AIME24", "AIME25", "MATH500", "AMC23", "Minerva", "O-Bench", "Avg"]

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import RAY, compose_disco, disco_actor_config
+from conftest import compose_disco, disco_actor_config
 from tensordict import TensorDict
 from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 from verl.protocol import BatchData
@@ -47,8 +47,6 @@ from recipe.disco.grouping import (
     whole_group_order,
 )
 from recipe.disco.trainer import DisCOTrainer, outcome_rates, question_metrics, step_metrics
-
-pytestmark = RAY  # a local Ray cluster for TransferQueue: one Ray cluster at a time (conftest.py)
 
 N = 8  # rollout.n
 PROMPTS = 16  # prompts per step

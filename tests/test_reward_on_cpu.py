@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 import psutil
 import pytest
-from conftest import RAY, compose_disco
+from conftest import compose_disco
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -368,7 +368,6 @@ def ray_local():
     ray.shutdown()
 
 
-@RAY
 def test_slow_answer_times_out_in_a_ray_task(ray_local):
     remote_score = ray_local.remote(compute_score)
     assert ray_local.get(remote_score.remote("s", r("0.5"), "\\frac{1}{2}", timeout_s=60), timeout=HANG_S) == 1.0

@@ -20,15 +20,12 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM's CPU build is not installed (bash recipe/disco/cpu/vllm_env.sh VENV)")
 
-from conftest import RAY  # noqa: E402
 from e2e_utils import LAUNCH_TIMEOUT_S, cached_vllm_build  # noqa: E402
 
 from recipe.disco import first_run  # noqa: E402
 from recipe.disco.cpu import vllm as cpu_vllm  # noqa: E402
 from recipe.disco.cpu.launch import cpu_overrides, run_trainer  # noqa: E402
 from recipe.disco.plot import read_log  # noqa: E402
-
-pytestmark = RAY  # verl's trainer: one Ray cluster at a time (conftest.py)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
