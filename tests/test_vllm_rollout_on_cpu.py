@@ -138,7 +138,7 @@ def test_lora_adapters_train_and_reach_vllm_exactly_after_every_weight_sync(tmp_
         "actor_rollout_ref.model.lora_alpha=16",
         "actor_rollout_ref.model.target_modules=all-linear",
     )
-    validation = (
+    validation = (  # the first-run check's (first_run.CHECK_OVERRIDES)
         "trainer.val_before_train=True",
         "data.val_max_samples=64",
         "actor_rollout_ref.rollout.val_kwargs.n=4",
