@@ -126,6 +126,13 @@ def test_the_demo_trains_through_vllm_with_exact_log_probs_after_every_weight_sy
     assert (out / "tiny-vllm-seed0" / "model").is_dir()
 
 
+def assert_trained(step: int, data: dict) -> None:
+    """A training step's records: DisCO's metrics logged and finite, and a gradient."""
+    disco = {key: value for key, value in data.items() if key.startswith("actor/disco/")}
+    assert disco and all(math.isfinite(value) for value in disco.values()), (step, disco)
+    assert data["actor/grad_norm"] > 0, step
+
+
 def test_lora_adapters_train_and_reach_vllm_exactly_after_every_weight_sync(tmp_path):
     """LoRA (rank 8 on all linear layers) through verl's vLLM rollout, one replica of tensor-parallel 2: the engine,
     started from dummy weights, gets the base weights and then the adapter at the first sync (verl's
@@ -157,9 +164,7 @@ def test_lora_adapters_train_and_reach_vllm_exactly_after_every_weight_sync(tmp_
     steps = {r["step"]: r["data"] for r in records if "training/rollout_probs_diff_max" in r["data"]}
     assert sorted(steps) == [1, 2, 3]
     for step, data in steps.items():
-        disco = {key: value for key, value in data.items() if key.startswith("actor/disco/")}
-        assert disco and all(math.isfinite(value) for value in disco.values()), (step, disco)
-        assert data["actor/grad_norm"] > 0, step
+        assert_trained(step, data)
         # the second mini-batch runs at updated adapters: its KL estimate, a sample mean of log pi_old - log pi,
         # is not the 0 (or float noise, under 1e-6) of an unmoved policy. Only its being non-zero is checked: the
         # mean is second order in the move and its sampling noise first order, so its size and sign depend on
@@ -179,7 +184,5 @@ def test_colocate_async_trains_disco_through_vllm(tmp_path):
     steps = {r["step"]: r["data"] for r in records if "actor/disco/kl" in r["data"]}
     assert sorted(steps) == [1, 2, 3]
     for step, data in steps.items():
-        disco = {key: value for key, value in data.items() if key.startswith("actor/disco/")}
-        assert disco and all(math.isfinite(value) for value in disco.values()), (step, disco)
-        assert data["actor/grad_norm"] > 0, step
+        assert_trained(step, data)
         assert 0 <= data["training/off_policy/trajectory_staleness/max"] < 8, step  # verl's default bound
