@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,8 +108,13 @@ def test_a_rollout_that_never_receives_the_weights_fails_the_first_run_check(tmp
 
 def test_the_demo_trains_through_vllm_with_exact_log_probs_after_every_weight_sync(tmp_path):
     """``python -m recipe.disco.demo --rollout vllm``: 5 steps at the demo's learning rate, so every step's weight
-    sync carries new weights; the rollout's log-probs equal the actor's at every step."""
+    sync carries new weights; the rollout's log-probs equal the actor's at every step. The demo finds the vLLM tiny
+    build already in its output directory (a copy of the tests' cached one, made by the same ``build_tiny``) and
+    reuses it instead of building it again."""
     out = tmp_path / "demo"
+    build = out / "tiny-vllm-seed0"
+    shutil.copytree(cached_vllm_build().model_dir.parent, build)
+    spec_written = (build / "spec.json").stat().st_mtime_ns
     done = subprocess.run(
         [sys.executable, "-m", "recipe.disco.demo", "--rollout", "vllm", "--steps", "5", "--out", str(out)],
         cwd=tmp_path,
@@ -123,7 +129,7 @@ def test_the_demo_trains_through_vllm_with_exact_log_probs_after_every_weight_sy
     assert all(data["actor/grad_norm"] > 0 for data in steps.values())  # the weights move between syncs
     assert max(data["training/rollout_probs_diff_max"] for data in steps.values()) <= EXACT
     assert (out / "summary.md").is_file() and (out / "demo_curves.png").is_file()
-    assert (out / "tiny-vllm-seed0" / "model").is_dir()
+    assert (build / "spec.json").stat().st_mtime_ns == spec_written  # reused, not rebuilt
 
 
 def assert_trained(step: int, data: dict) -> None:

@@ -28,6 +28,10 @@ SHM_PATTERNS = ("psm_*", "*-cpushm_*", "verl_weights_*")
 ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per vLLM worker (else a fraction of the machine's memory)
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # all workers share the cores (the default binds each to its own NUMA cores)
+    # eager, as the CPU backend's actor (use_torch_compile=False): vLLM's CPU sampler compiles its top-k/top-p
+    # function even under enforce_eager (``TopKTopPSampler.forward_cpu``), and inductor's C++ builds took 40 of an
+    # engine's 98 s of start-up on 2 cores (1.4 s eager)
+    "TORCH_COMPILE_DISABLE": "1",
 }
 
 
