@@ -111,7 +111,7 @@ def test_question_split_by_seed():
 def test_build_is_deterministic_and_reused(tmp_path, monkeypatch):
     """Two builds of one seed are byte-identical whatever the caller's random state, and a finished build is
     reused. Checked on reduced builds (3 warm-start steps, 2 answers per question for p(x)): the full build runs the
-    same code for longer, and building it again would cost 40 s."""
+    same code for longer, and building it again would cost about 3 min (its 600 warm-start steps)."""
     monkeypatch.setitem(carry.WARM_START, "steps", 3)
     monkeypatch.setattr(carry, "START_SAMPLES", 2)
     with pytest.raises(RuntimeError, match="warm start did not converge for seed 0: questions without a carry"):
