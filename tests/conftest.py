@@ -38,15 +38,38 @@ RAY_TESTS = (
 )
 
 
+# The carry task's build (``carry.build_carry``: about 4 min on one busy core, once per machine, then cached in /tmp)
+# is made on a clean machine by the worker beside the Ray tests, at its start: its module is the first unit after the
+# Ray tests, and the Ray tests that need the build come last among them. A clean CI run had made it inside the Ray
+# tests, which waited those minutes.
+CARRY_BUILDER = "tests/test_carry_task_on_cpu.py::"
+RAY_TESTS_NEEDING_CARRY = "tests/test_demo_on_cpu.py::"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Ray tests first (those needing the carry build last among them), then the carry task's module, then the
+    rest, each group in its collected order."""
+
+    def group(item: pytest.Item) -> int:
+        if item.nodeid.startswith(RAY_TESTS):
+            return 1 if item.nodeid.startswith(RAY_TESTS_NEEDING_CARRY) else 0
+        return 2 if item.nodeid.startswith(CARRY_BUILDER) else 3
+
+    items.sort(key=group)
+
+
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unused without -n
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's scheduling by scope, the scopes being the Ray tests together and each other module."""
+    """pytest-xdist's scheduling by scope, the scopes being the Ray tests together and each other module, handed
+    out in the collected order (not xdist's default of the most tests first): the Ray tests to one worker, the carry
+    task's module to the other, then each module to the worker that is free first."""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayTestsInTurn(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return "Ray" if nodeid.startswith(RAY_TESTS) else nodeid.split("::", 1)[0]
 
+    config.option.loadscopereorder = False
     return RayTestsInTurn(config, log)
 
 
